@@ -1,0 +1,75 @@
+"""A client for a VM's control socket (protocol in ``kasou.vmm.control``)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from kasou.errors import HostError, KasouError
+
+__all__ = ["ControlClient", "RemoteError"]
+
+
+class RemoteError(KasouError):
+    """The VM refused a request; ``type`` is the error class it raised."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type_name
+
+
+
+
+class ControlClient:
+    """One connection to a VM's control socket; ``request`` sends and waits for the reply."""
+
+    def __init__(self, path: str | Path, timeout: float = 15.0) -> None:
+        self.path = Path(path)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.settimeout(timeout)
+        try:
+            self._socket.connect(str(self.path))
+        except FileNotFoundError:
+            self._socket.close()
+            raise HostError(f"{path}: no such socket: is the VM running with --api-sock?") from None
+        except OSError as error:
+            self._socket.close()
+            raise HostError(f"cannot connect to {path}: {error.strerror}") from error
+        self._reader = self._socket.makefile("rb")
+
+    def request(self, name: str) -> dict[str, Any]:
+        """Send ``{"request": name}``; return the result or raise the VM's error."""
+        self._socket.sendall(json.dumps({"request": name}).encode() + b"\n")
+        line = self._reader.readline()
+        if not line:
+            raise HostError(f"{self.path}: the VM closed the connection")
+        reply = json.loads(line)
+        if reply.get("ok"):
+            result: dict[str, Any] = reply.get("result", {})
+            return result
+        error = reply.get("error", {})
+        type_name, message = error.get("type", "KasouError"), error.get("message", "")
+        if type_name == "LifecycleError":
+            raise RemoteLifecycleError(message)
+        raise RemoteError(type_name, message)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._socket.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RemoteLifecycleError(RemoteError):
+    """The VM is not in a state that allows the request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("LifecycleError", message)
+
+

@@ -1,0 +1,125 @@
+"""The typer app behind ``kasou``: every command but the fast path of ``kasou run``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kasou.cli.options import RUN_EXAMPLE
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="kasou",
+    help="kasou (仮想): a virtual machine monitor in Python on Linux KVM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"kasou: error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command(epilog=f"Example: {RUN_EXAMPLE}")
+def run(
+    kernel: Annotated[Optional[Path], typer.Option(help="Linux kernel to boot: a vmlinux (ELF) or a bzImage.")] = None,  # noqa: UP045
+    initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk (cpio, optionally compressed).")] = None,  # noqa: UP045
+    cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = "console=ttyS0 reboot=k panic=-1",
+    vcpus: Annotated[int, typer.Option(help="Number of virtual CPUs.")] = 1,
+    memory: Annotated[str, typer.Option(help="Guest RAM, like 512M or 2G.")] = "512M",
+    console: Annotated[str, typer.Option(help="Where COM1 goes: stdio, file:PATH or none.")] = "stdio",
+    api_sock: Annotated[Optional[Path], typer.Option(help="Serve the control socket (status, pause, resume, stop) here.")] = None,  # noqa: UP045
+    on_reboot: Annotated[str, typer.Option(help="What a guest reboot does: exit kasou, or restart the guest.")] = "exit",
+) -> None:
+    """Boot a guest and attach its serial console (Ctrl-A X quits)."""
+    from kasou.cli.fastrun import run_vm
+
+    status = run_vm(
+        {
+            "kernel": kernel,
+            "initrd": initrd,
+            "cmdline": cmdline,
+            "vcpus": vcpus,
+            "memory": memory,
+            "console": console,
+            "api_sock": api_sock,
+            "on_reboot": on_reboot,
+        }
+    )
+    raise typer.Exit(status)
+
+
+@app.command(epilog="Example: kasou host")
+def host() -> None:
+    """Show the KVM backend, the capabilities kasou uses and what cannot run here."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kasou.kvm.host import REQUIRED, probe_host
+
+    info = probe_host()
+    out = Console()
+    out.print(f"[bold]KVM backend:[/bold] {info.backend.value} ({info.device})")
+    if info.problem:
+        out.print(f"[red]{info.problem}[/red]")
+        raise typer.Exit(1)
+    out.print(f"API version {info.api_version}, at most {info.max_vcpus} vCPUs per VM")
+    table = Table("capability", "value", "kasou needs it")
+    for name, value in info.capabilities.items():
+        needed = "yes" if name in REQUIRED else "optional"
+        style = "red" if name in REQUIRED and value <= 0 else ""
+        table.add_row(name, str(value), needed, style=style)
+    out.print(table)
+    if info.missing:
+        out.print(f"[red]missing: {', '.join(info.missing)}[/red]")
+    if info.limits:
+        out.print("[yellow]On this backend:[/yellow]")
+        for limit in info.limits:
+            out.print(f"  - {limit}")
+    if info.backend.boots_linux:
+        out.print("Linux guests boot directly here.")
+
+
+def _request(sock: Path, name: str) -> None:
+    from kasou.api import ControlClient
+    from kasou.errors import KasouError
+
+    try:
+        with ControlClient(sock) as client:
+            result = client.request(name)
+    except KasouError as error:
+        _fail(error)
+    typer.echo(json.dumps(result, indent=2))
+
+
+SockOption = Annotated[Path, typer.Option("--sock", help="The VM's control socket (--api-sock of kasou run).")]
+
+
+@app.command(epilog="Example: kasou status --sock /tmp/vm.sock")
+def status(sock: SockOption) -> None:
+    """Show a running VM's state."""
+    _request(sock, "status")
+
+
+@app.command(epilog="Example: kasou pause --sock /tmp/vm.sock")
+def pause(sock: SockOption) -> None:
+    """Pause a running VM's vCPUs."""
+    _request(sock, "pause")
+
+
+@app.command(epilog="Example: kasou resume --sock /tmp/vm.sock")
+def resume(sock: SockOption) -> None:
+    """Resume a paused VM."""
+    _request(sock, "resume")
+
+
+@app.command(epilog="Example: kasou stop --sock /tmp/vm.sock")
+def stop(sock: SockOption) -> None:
+    """Stop a VM; `kasou run` then exits with status 0."""
+    _request(sock, "stop")

@@ -1,0 +1,15 @@
+"""The PC devices a Linux guest expects at fixed ports, each a pure register machine.
+
+Where the VMM inserts them on the PIO bus (base port, length):
+
+- ``Serial``: 0x3f8, 8 (COM1, ISA IRQ 4, edge-triggered; COM2 would be 0x2f8 and IRQ 3).
+- ``I8042``: 0x60, 5, once: offset 0 is port 0x60, offset 4 is port 0x64. No interrupt;
+  ``on_reset`` is its reset line.
+- ``Rtc``: 0x70, 2 (index and data ports). No interrupt: IRQ 8 is never raised.
+"""
+
+from kasou.devices.legacy.i8042 import I8042, I8042State
+from kasou.devices.legacy.rtc import Rtc, RtcState
+from kasou.devices.legacy.serial import Serial, SerialState
+
+__all__ = ["I8042", "I8042State", "Rtc", "RtcState", "Serial", "SerialState"]

@@ -1,0 +1,132 @@
+"""An epoll loop in one thread, woken by an eventfd for calls from other threads.
+
+Handlers run on the loop thread, one at a time. A handler that raises is logged and
+removed, so one misbehaving fd (a closed client socket, a device bug) cannot stop the loop
+that every other device of the VM depends on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from kasou._sys import set_thread_name
+
+__all__ = ["EventLoop"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[int], None]  # called with the epoll event mask
+
+
+class EventLoop:
+    """epoll over fds with handlers; ``call_soon`` runs a function on the loop thread."""
+
+    def __init__(self, name: str = "kasou-events") -> None:
+        self.name = name
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._handlers: dict[int, Handler] = {}
+        self._calls: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._epoll.register(self._wake, select.EPOLLIN)
+
+    def add_reader(self, fd: int, handler: Handler, events: int = select.EPOLLIN) -> None:
+        """Call ``handler(events)`` whenever ``fd`` is ready. Thread-safe."""
+        self._handlers[fd] = handler
+        self._epoll.register(fd, events)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` (the caller still owns and closes it)."""
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # already closed: epoll dropped it by itself
+
+    def call_soon(self, function: Callable[[], None]) -> None:
+        """Run ``function`` on the loop thread at its next turn. Thread-safe."""
+        self._calls.append(function)
+        os.eventfd_write(self._wake, 1)
+
+    def call_later(self, delay: float, function: Callable[[], None]) -> None:
+        """Run ``function`` on the loop thread after ``delay`` seconds. Thread-safe."""
+        when = time.monotonic() + delay
+        self.call_soon(
+            lambda: heapq.heappush(self._timers, (when, next(self._timer_order), function))
+        )
+
+    def start(self) -> None:
+        """Run the loop in its own (daemon) thread."""
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    @property
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def stop(self) -> None:
+        """End the loop and wait for its thread; then release the epoll and eventfd."""
+        self._stopping = True
+        if self._thread is not None:
+            os.eventfd_write(self._wake, 1)
+            if not self.in_loop_thread:
+                self._thread.join()
+            self._thread = None
+        if not self._epoll.closed:
+            self._epoll.close()
+            os.close(self._wake)
+
+    def _run(self) -> None:
+        set_thread_name(self.name)
+        while not self._stopping:
+            timeout = -1.0
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            try:
+                ready = self._epoll.poll(timeout)
+            except InterruptedError:
+                continue
+            self._run_timers()
+            for fd, events in ready:
+                if fd == self._wake:
+                    self._drain_calls()
+                    continue
+                handler = self._handlers.get(fd)
+                if handler is None:
+                    continue
+                try:
+                    handler(events)
+                except Exception:
+                    log.exception("event handler for fd %d failed; it is removed", fd)
+                    self.remove(fd)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, function = heapq.heappop(self._timers)
+            self._call(function)
+
+    def _call(self, function: Callable[[], None]) -> None:
+        try:
+            function()
+        except Exception:
+            log.exception("call on the event loop failed")
+
+    def _drain_calls(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while self._calls:
+            self._call(self._calls.popleft())

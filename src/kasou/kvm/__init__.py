@@ -1,0 +1,9 @@
+"""The only package that knows KVM's ioctl numbers and struct layouts.
+
+``bindings`` mirrors linux/kvm.h; ``system`` wraps the three fd levels (``Kvm``, ``VmFd``,
+``VcpuFd``); ``host`` tells hardware virtualization from PVM from no usable KVM.
+"""
+
+from kasou.kvm.system import Kvm, VcpuFd, VmFd
+
+__all__ = ["Kvm", "VcpuFd", "VmFd"]

@@ -1,0 +1,168 @@
+"""Kernel images for the Linux x86 64-bit boot protocol: vmlinux, bzImage, initrd, boot_params.
+
+This package owns reading kernel and initrd files, validating them as untrusted input,
+copying them into guest memory and describing the result (``LoadedKernel``), extracting the
+vmlinux from a bzImage's compressed payload, and building the ``boot_params`` zero page. It
+does not set up CPU state, page tables or the memory map (``arch/x86_64``) and never touches
+KVM.
+
+The 64-bit boot protocol (Documentation/arch/x86/boot.rst): the kernel is entered in 64-bit
+mode with paging on at ``LoadedKernel.entry``, with RSI holding the address of
+``boot_params``; the kernel image (up to ``LoadedKernel.end``), ``boot_params``, the command
+line and the initrd must be identity mapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from kasou.errors import ImageError
+from kasou.loader.bootparams import (
+    E820_RAM,
+    E820_RESERVED,
+    ELF_CMDLINE_MAX,
+    XLF_CAN_BE_LOADED_ABOVE_4G,
+    BootParams,
+    E820Entry,
+    SetupHeader,
+    build_boot_params,
+    write_cmdline,
+)
+from kasou.loader.bzimage import (
+    ENTRY_OFFSET_64,
+    extract_vmlinux,
+    is_bzimage,
+    load_address_candidates,
+    load_bzimage,
+    parse_bzimage,
+)
+from kasou.loader.elf import ElfKernel, is_elf, load_elf, parse_elf
+from kasou.loader.initrd import IDENTITY_MAP_END, load_initrd, read_error
+from kasou.memory import GuestMemory
+
+__all__ = [
+    "E820_RAM",
+    "E820_RESERVED",
+    "BootParams",
+    "E820Entry",
+    "KernelKind",
+    "LoadedKernel",
+    "SetupHeader",
+    "build_boot_params",
+    "extract_vmlinux",
+    "kernel_format",
+    "load_initrd",
+    "load_kernel",
+    "write_cmdline",
+]
+
+KernelKind = Literal["elf", "bzimage"]
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    """A kernel copied into guest memory, and what the rest of the boot needs to know."""
+
+    kind: KernelKind
+    entry: int  # guest-physical 64-bit entry point
+    start: int  # lowest guest-physical byte of the kernel image
+    end: int  # first byte after the image, including bss (ELF) or init_size (bzImage)
+    setup_header: bytes | None  # bzImage: its setup header, for boot_params; ELF: None
+    cmdline_max: int  # longest command line it accepts, without the NUL
+    initrd_addr_max: int  # an initrd must end at or below this address
+
+
+def kernel_format(path: Path) -> KernelKind:
+    """Tell a usable vmlinux from a usable bzImage; ``ImageError`` for anything else."""
+    data = _read(path)
+    name = f"kernel {path}"
+    if is_elf(data):
+        parse_elf(data, name)
+        return "elf"
+    parse_bzimage(data, name)
+    return "bzimage"
+
+
+def load_kernel(memory: GuestMemory, path: Path, *, extract: bool = False) -> LoadedKernel:
+    """Load the vmlinux or bzImage at ``path`` into ``memory``.
+
+    With ``extract``, a bzImage is not loaded as such: the vmlinux in its payload is, and
+    booted like any vmlinux (for hosts where the bzImage's decompressor cannot run).
+    """
+    data = _read(path)
+    name = f"kernel {path}"
+    if is_elf(data):
+        return _load_elf(memory, data, name)
+    if extract:
+        return _load_elf(memory, extract_vmlinux(data, name), name)
+    return _load_bzimage(memory, data, name)
+
+
+def _load_elf(memory: GuestMemory, data: bytes, name: str) -> LoadedKernel:
+    kernel: ElfKernel = parse_elf(data, name)
+    if kernel.end > IDENTITY_MAP_END:
+        raise ImageError(f"{name} loads above 4 GiB, which kasou cannot enter: link it lower")
+    for segment in kernel.segments:
+        if not memory.contains(segment.paddr, segment.memsz):
+            raise _needs_memory(name, kernel.end, memory)
+    load_elf(memory, data, kernel)
+    return LoadedKernel(
+        kind="elf",
+        entry=kernel.entry,
+        start=kernel.start,
+        end=kernel.end,
+        setup_header=None,
+        cmdline_max=ELF_CMDLINE_MAX,
+        # A vmlinux builds its own page tables over all RAM before it reads the initrd; the
+        # only limit is what kasou identity maps for the entry.
+        initrd_addr_max=IDENTITY_MAP_END,
+    )
+
+
+def _load_bzimage(memory: GuestMemory, data: bytes, name: str) -> LoadedKernel:
+    image = parse_bzimage(data, name)
+    candidates = load_address_candidates(image)
+    for address in candidates:
+        if memory.contains(address, image.extent):
+            break
+    else:
+        lowest_end = min(address + image.extent for address in candidates)
+        raise _needs_memory(name, lowest_end, memory)
+    load_bzimage(memory, data, image, address)
+    if image.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G:
+        initrd_addr_max = IDENTITY_MAP_END
+    else:
+        # initrd_addr_max is "the address of the highest safe byte" (boot.rst).
+        initrd_addr_max = min(image.initrd_addr_max + 1, IDENTITY_MAP_END)
+    return LoadedKernel(
+        kind="bzimage",
+        entry=address + ENTRY_OFFSET_64,
+        start=address,
+        end=address + image.extent,
+        setup_header=image.header,
+        cmdline_max=image.cmdline_size,
+        initrd_addr_max=initrd_addr_max,
+    )
+
+
+def _needs_memory(name: str, end: int, memory: GuestMemory) -> ImageError:
+    return ImageError(
+        f"{name} needs {(end + _MIB - 1) // _MIB} MiB of guest memory, the VM has "
+        f"{memory.size // _MIB} MiB: raise --memory"
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise read_error("kernel", path, error) from error
+    if not is_elf(data) and not is_bzimage(data):
+        raise ImageError(
+            f"kernel {path} is not a kernel (neither an ELF vmlinux nor a bzImage): "
+            "give a vmlinux or a bzImage"
+        )
+    return data

@@ -1,0 +1,72 @@
+"""How a command crosses into the outer VM: a POSIX shell script of quoted words.
+
+The host writes the script to ``command.sh`` in the run's private share. The outer VM's
+/init reads it into a variable and runs ``env -i chroot /newroot /bin/sh -c "$script"``:
+the host's own ``/bin/sh`` (on the host root the VM mounts) runs it with an empty environment,
+so the command sees exactly the variables the script exports. The script::
+
+    export NAME='value'     one line per variable, names checked to be shell names
+    cd '/the/cwd' || exit 125
+    exec 'argv0' 'argv 1' ...
+
+Every word is quoted with single quotes (POSIX.1-2017 XCU §2.2.2: nothing inside single
+quotes is special, so spaces, double quotes, backslashes, ``$``, newlines and any bytes other
+than NUL arrive unchanged); a single quote in a word is written ``'"'"'``. Strings are encoded
+with ``os.fsencode`` so non-UTF-8 file names that Python holds as surrogates get their
+original bytes back. NUL cannot be in an argument or a variable (execve(2) strings end at it)
+and is refused.
+
+The script must fit in one argument (MAX_ARG_STRLEN, 32 pages: 128 KiB on x86-64).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+
+__all__ = ["MAX_SCRIPT_BYTES", "encode_command"]
+
+# Linux's MAX_ARG_STRLEN (include/uapi/linux/binfmts.h: PAGE_SIZE * 32), less room to spare.
+MAX_SCRIPT_BYTES = 120 * 1024
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EXIT_NO_CWD = 125
+
+
+def _quote(word: str, what: str) -> str:
+    if "\0" in word:
+        raise ValueError(f"{what} contains a NUL character, which no command can receive")
+    return shlex.quote(word)
+
+
+def encode_command(argv: Sequence[str], *, cwd: str, env: Mapping[str, str]) -> bytes:
+    """The script that runs ``argv`` in ``cwd`` with exactly the variables ``env``.
+
+    Raises ``ValueError`` naming what cannot be passed: an empty command, a relative ``cwd``,
+    a variable name that is not a shell name, a NUL, or a script too long for one argument.
+    """
+    if not argv:
+        raise ValueError("the command is empty: give a program and its arguments")
+    if not cwd.startswith("/"):
+        raise ValueError(f"the working directory must be absolute: {cwd!r}")
+    lines = ["# kasou nested: the command to run, written by the host"]
+    for name, value in env.items():
+        if not _NAME.match(name):
+            raise ValueError(
+                f"environment variable name {name!r} cannot be passed: use letters, digits "
+                "and underscores, not starting with a digit"
+            )
+        lines.append(f"export {name}={_quote(value, f'variable {name}')}")
+    lines.append(f"cd {_quote(cwd, 'the working directory')} || exit {_EXIT_NO_CWD}")
+    words = " ".join(_quote(arg, f"argument {index}") for index, arg in enumerate(argv))
+    # "exec --": a program name starting with '-' is not read as an option of exec.
+    lines.append(f"exec -- {words}")
+    script = os.fsencode("\n".join(lines) + "\n")
+    if len(script) > MAX_SCRIPT_BYTES:
+        raise ValueError(
+            f"the command and its environment take {len(script)} bytes, more than the "
+            f"{MAX_SCRIPT_BYTES} that fit in one argument: pass less, or put it in a file"
+        )
+    return script

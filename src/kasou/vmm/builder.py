@@ -1,0 +1,273 @@
+"""The only place that creates and wires a VM's parts.
+
+``build_vm`` turns a validated ``VmConfig`` into a ``Vm`` ready to start: KVM VM and
+irqchip, guest RAM and its memory slots, the kernel and initrd loaded with boot_params, the
+legacy devices on the buses with their interrupt lines, and the vCPUs in the state the
+64-bit boot protocol asks for (Documentation/arch/x86/boot.rst). Anything that fails half
+way releases what was already made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kasou.arch.x86_64 import cpuid as arch_cpuid
+from kasou.arch.x86_64 import gdt, layout, mptable, msrs, paging
+from kasou.devices.bus import Bus, BusDevice
+from kasou.devices.legacy.i8042 import I8042
+from kasou.devices.legacy.power import POWER_PORT, PowerOff
+from kasou.devices.legacy.rtc import Rtc
+from kasou.devices.legacy.serial import Serial
+from kasou.errors import HostError
+from kasou.kvm import Kvm, VcpuFd, VmFd
+from kasou.kvm import bindings as b
+from kasou.kvm.host import REQUIRED, CAPABILITIES
+from kasou.loader import load_initrd, load_kernel
+from kasou.loader.bootparams import build_boot_params, write_cmdline
+from kasou.memory import GuestMemory
+from kasou.vmm.config import VmConfig
+from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
+from kasou.vmm.vm import Vm
+
+__all__ = ["COM1", "COM2", "ExtraDevice", "EventfdTrigger", "build_vm"]
+
+COM1 = (0x3F8, 4)  # (port, ISA IRQ)
+COM2 = (0x2F8, 3)
+I8042_PORT = 0x60
+RTC_PORT = 0x70
+# KVM needs three pages below 4 GiB for the VMX real-mode TSS and identity page table;
+# they sit just under the BIOS area, inside the MMIO hole where no RAM is.
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+
+@dataclass(frozen=True)
+class ExtraDevice:
+    """A device the caller made (tests, tools), to be put on a bus at ``base``."""
+
+    device: BusDevice
+    base: int
+    length: int
+    bus: str = "pio"  # "pio" or "mmio"
+
+
+class EventfdTrigger:
+    """An interrupt line backed by a KVM irqfd: each ``trigger`` writes the eventfd."""
+
+    def __init__(self, vm_fd: VmFd, gsi: int) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.gsi = gsi
+        vm_fd.irqfd(self.fd, gsi)
+
+    def trigger(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except BlockingIOError:
+            pass  # the counter is saturated: an interrupt is pending anyway
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def build_vm(
+    config: VmConfig,
+    *,
+    console_output: Callable[[bytes], None],
+    agent_output: Callable[[bytes], None] | None = None,
+    extra_devices: Sequence[ExtraDevice] = (),
+    kvm_path: str = "/dev/kvm",
+) -> Vm:
+    """Build the VM ``config`` describes. COM1 writes go to ``console_output``; COM2 (the
+    guest agent's line) to ``agent_output`` when given."""
+    with contextlib.ExitStack() as cleanup:
+        kvm = Kvm(kvm_path)
+        cleanup.callback(kvm.close)
+        for name in REQUIRED:
+            kvm.require(CAPABILITIES[name], name)
+        config.check_host(kvm.max_vcpus())
+
+        vm_fd = kvm.create_vm()
+        cleanup.callback(vm_fd.close)
+        vm_fd.set_tss_addr(TSS_ADDRESS)
+        vm_fd.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+        vm_fd.create_irqchip()
+        vm_fd.create_pit2()
+
+        memory = GuestMemory.create(
+            layout.ram_layout(config.memory), config.memory_backing, config.hugepages
+        )
+        cleanup.callback(memory.close)
+        for slot, region in enumerate(memory.regions):
+            vm_fd.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+
+        entry = _load_guest(config, memory)
+
+        pio, mmio = Bus("pio"), Bus("mmio")
+        vm = Vm(config, kvm, vm_fd, memory, pio, mmio, {}, cleanup.pop_all())
+
+    # From here on the VM owns the cleanup stack: a failure closes the VM.
+    try:
+        _wire_devices(vm, console_output, agent_output, extra_devices)
+        _create_vcpus(vm, entry)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def _load_guest(config: VmConfig, memory: GuestMemory) -> int:
+    """Load kernel, initrd, command line and boot structures; return the 64-bit entry."""
+    kernel = load_kernel(memory, config.kernel)
+    ram_top = max(region.end for region in memory.regions if region.gpa < layout.MMIO_HOLE_START)
+    initrd = None
+    if config.initrd is not None:
+        initrd = load_initrd(memory, config.initrd, kernel, ram_top)
+    cmdline_size = write_cmdline(memory, layout.CMDLINE, config.cmdline, kernel.cmdline_max)
+    mptable.write_mptable(memory, config.vcpus)
+    params = build_boot_params(
+        setup_header=kernel.setup_header,
+        cmdline_addr=layout.CMDLINE,
+        cmdline_size=cmdline_size,
+        initrd=initrd,
+        e820=layout.e820_map([(region.gpa, region.size) for region in memory.regions]),
+    )
+    memory.write(layout.ZERO_PAGE, params)
+    gdt.write_gdt(memory)
+    paging.write_identity_map(memory)
+    return kernel.entry
+
+
+def _wire_devices(
+    vm: Vm,
+    console_output: Callable[[bytes], None],
+    agent_output: Callable[[bytes], None] | None,
+    extra_devices: Sequence[ExtraDevice],
+) -> None:
+    triggers: list[EventfdTrigger] = []
+    vm._cleanup.callback(lambda: [trigger.close() for trigger in triggers])
+
+    def line(gsi: int) -> EventfdTrigger:
+        trigger = EventfdTrigger(vm.vm_fd, gsi)
+        triggers.append(trigger)
+        return trigger
+
+    serial = Serial(line(COM1[1]), console_output)
+    vm.pio.insert(serial, COM1[0], 8)
+    vm.devices["serial0"] = serial
+    if agent_output is not None:
+        agent = Serial(line(COM2[1]), agent_output)
+        vm.pio.insert(agent, COM2[0], 8)
+        vm.devices["serial1"] = agent
+
+    def reset() -> None:
+        vm.end(GuestExit(ExitKind.REBOOT, "the guest reset the machine"))
+
+    def poweroff() -> None:
+        vm.end(GuestExit(ExitKind.POWEROFF, "the guest powered off"))
+
+    i8042 = I8042(reset)
+    vm.pio.insert(i8042, I8042_PORT, 5)
+    vm.devices["i8042"] = i8042
+    rtc = Rtc()
+    vm.pio.insert(rtc, RTC_PORT, 2)
+    vm.devices["rtc"] = rtc
+    vm.pio.insert(PowerOff(poweroff), POWER_PORT, 2)
+    for extra in extra_devices:
+        (vm.pio if extra.bus == "pio" else vm.mmio).insert(extra.device, extra.base, extra.length)
+
+
+def _create_vcpus(vm: Vm, entry: int) -> None:
+    supported = vm.kvm.get_supported_cpuid()
+    plain = [
+        arch_cpuid.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+        for e in supported
+    ]
+    for index in range(vm.config.vcpus):
+        fd = vm.vm_fd.create_vcpu(index)
+        vm._cleanup.callback(fd.close)
+        tsc_khz = _tsc_khz(fd)
+        entries = arch_cpuid.guest_cpuid(
+            plain, vcpu_id=index, vcpus=vm.config.vcpus, tsc_khz=tsc_khz
+        )
+        fd.set_cpuid2(
+            [
+                b.KvmCpuidEntry2(
+                    function=e.function, index=e.index, flags=e.flags,
+                    eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx,
+                )
+                for e in entries
+            ]
+        )
+        fd.set_msrs(msrs.boot_msrs())
+        _set_lint(fd)
+        if index == 0:
+            _set_boot_registers(fd, entry)
+        vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, vm.end))
+
+
+def _tsc_khz(fd: VcpuFd) -> int | None:
+    try:
+        return fd.get_tsc_khz() or None
+    except HostError:
+        return None
+
+
+def _set_lint(fd: VcpuFd) -> None:
+    """LINT0 as ExtINT (the 8259's output) and LINT1 as NMI, as a PC's BIOS leaves them
+    (Intel MP spec 1.4 §3.6.2.2, virtual wire mode)."""
+    lapic = fd.get_lapic()
+    raw = bytearray(lapic.regs)
+    for offset, mode in ((0x350, 0b111), (0x360, 0b100)):  # LVT LINT0, LVT LINT1
+        value = int.from_bytes(raw[offset : offset + 4], "little")
+        value = (value & ~0x700) | (mode << 8)
+        raw[offset : offset + 4] = value.to_bytes(4, "little")
+    ctypes.memmove(lapic.regs, bytes(raw), len(raw))
+    fd.set_lapic(lapic)
+
+
+def _segment(segment: gdt.Segment) -> b.KvmSegment:
+    return b.KvmSegment(
+        base=segment.base,
+        limit=segment.limit,
+        selector=segment.selector,
+        type=segment.type,
+        present=segment.present,
+        dpl=segment.dpl,
+        db=segment.db,
+        s=segment.s,
+        l=segment.l,
+        g=segment.g,
+        avl=segment.avl,
+        unusable=0 if segment.present else 1,
+    )
+
+
+# CR0/CR4/EFER bits for long mode (Intel SDM vol. 3, 2.5 and 9.8.5).
+CR0_PE, CR0_ET, CR0_PG = 1 << 0, 1 << 4, 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+
+
+def _set_boot_registers(fd: VcpuFd, entry: int) -> None:
+    """The boot CPU as the 64-bit boot protocol wants it: long mode, identity-mapped,
+    flat segments, interrupts off, RSI = boot_params (Documentation/arch/x86/boot.rst)."""
+    sregs = fd.get_sregs()
+    code, data, tss = (_segment(segment) for segment in gdt.boot_segments())
+    sregs.cs = code
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.tr = tss
+    sregs.gdt.base, sregs.gdt.limit = gdt.GDT_ADDRESS, gdt.GDT_LIMIT
+    sregs.idt.base, sregs.idt.limit = layout.IDT, 0
+    sregs.cr3 = paging.PML4_ADDRESS
+    sregs.cr4 |= CR4_PAE
+    sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG
+    sregs.efer |= EFER_LME | EFER_LMA
+    fd.set_sregs(sregs)
+    regs = b.KvmRegs(rip=entry, rsi=layout.ZERO_PAGE, rflags=0x2, rsp=0)
+    fd.set_regs(regs)
+    fpu = b.KvmFpu(fcw=0x37F, mxcsr=0x1F80)
+    fd.set_fpu(fpu)

@@ -1,0 +1,142 @@
+"""The control socket of a running VM: JSON lines over a Unix stream socket.
+
+Protocol (one request per line, one reply line per request, UTF-8)::
+
+    -> {"request": "status"}
+    <- {"ok": true, "result": {"state": "running", "vcpus": 2, ...}}
+    -> {"request": "pause"}
+    <- {"ok": false, "error": {"type": "LifecycleError", "message": "cannot pause: ..."}}
+
+Requests are those of ``vmm/requests.py``. A line longer than 64 KiB or a client that sends
+bytes that are not JSON gets an error reply (or is disconnected for an overlong line); it
+never disturbs the VM. The server runs on the VM's event loop; the socket file is removed
+when the server closes, and a stale one left by a dead kasou is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from kasou.errors import ConfigError, KasouError
+from kasou.event import EventLoop
+from kasou.vmm.requests import Reply, Request, parse_request
+
+__all__ = ["ControlServer"]
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+MAX_CLIENTS = 32
+
+
+class ControlServer:
+    """Serves ``Request``s from ``path`` on ``loop`` by calling ``handle``."""
+
+    def __init__(self, path: Path, loop: EventLoop, handle: Callable[[Request], Reply]) -> None:
+        self.path = path
+        self._loop = loop
+        self._handle = handle
+        self._clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self._listener = _listen(path)
+        loop.add_reader(self._listener.fileno(), self._on_accept)
+
+    def _on_accept(self, events: int) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            client.close()
+            return
+        client.setblocking(False)
+        self._clients[client.fileno()] = (client, bytearray())
+        self._loop.add_reader(client.fileno(), lambda ev, fd=client.fileno(): self._on_data(fd))
+
+    def _on_data(self, fd: int) -> None:
+        client, buffer = self._clients[fd]
+        try:
+            data = client.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        buffer += data
+        while b"\n" in buffer:
+            line, _, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            if line.strip():
+                self._reply(client, self._serve(line))
+        if len(buffer) > MAX_LINE:
+            self._reply(client, Reply(False, error_type="ConfigError", error="request too long"))
+            self._drop(fd)
+
+    def _serve(self, line: bytes) -> Reply:
+        try:
+            request = parse_request(json.loads(line))
+        except (ValueError, UnicodeDecodeError) as error:
+            return Reply(False, error_type="ConfigError", error=f"not a JSON request: {error}")
+        except ConfigError as error:
+            return Reply(False, error_type="ConfigError", error=str(error))
+        try:
+            return self._handle(request)
+        except KasouError as error:
+            return Reply(False, error_type=type(error).__name__, error=str(error))
+
+    def _reply(self, client: socket.socket, reply: Reply) -> None:
+        payload = (json.dumps(reply.to_json()) + "\n").encode()
+        try:
+            client.setblocking(True)
+            client.settimeout(5.0)
+            client.sendall(payload)
+            client.setblocking(False)
+        except OSError:
+            pass  # the client left; its fd is dropped on its next event
+
+    def _drop(self, fd: int) -> None:
+        client, _ = self._clients.pop(fd)
+        self._loop.remove(fd)
+        client.close()
+
+    def close(self) -> None:
+        for fd in list(self._clients):
+            self._drop(fd)
+        self._loop.remove(self._listener.fileno())
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _listen(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise ConfigError("api-sock", f"{path} exists and is not a socket: choose another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: nobody listens there any more
+        else:
+            raise ConfigError("api-sock", f"{path} is in use by another VM: choose another path")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(8)
+        listener.setblocking(False)
+    except OSError as error:
+        listener.close()
+        raise ConfigError("api-sock", f"cannot listen on {path}: {error.strerror}") from error
+    return listener
+
+

@@ -1,0 +1,140 @@
+"""``run``: one VM from start to end, as ``kasou run`` does it.
+
+It owns what outlives a guest reboot: the console, the event loop, the control socket.
+Each boot builds a fresh VM (new KVM VM, fresh RAM: a reset forgets everything, as on real
+hardware); with ``on_reboot = "restart"`` a guest reset boots again, otherwise it ends the
+run. SIGTERM, SIGINT and SIGHUP stop the VM the way a stop request does, and the terminal is
+restored on every way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from kasou.event import EventLoop
+from kasou.vmm.builder import build_vm
+from kasou.vmm.config import VmConfig
+from kasou.vmm.console import Console
+from kasou.vmm.control import ControlServer
+from kasou.vmm.requests import Reply, Request, RequestKind
+from kasou.vmm.vcpu import ExitKind, GuestExit, install_kick_handler
+from kasou.vmm.vm import Vm
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Session:
+    """The VM of the current boot, and the requests that reach it."""
+
+    def __init__(self) -> None:
+        self.vm: Vm | None = None
+        self.boots = 0
+        self.started = time.monotonic()
+        self.quit: GuestExit | None = None
+        self._lock = threading.Lock()
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            if self.quit is None:
+                self.quit = GuestExit(ExitKind.STOPPED, reason)
+            vm = self.vm
+        if vm is not None:
+            vm.stop(reason)
+
+    def handle(self, request: Request) -> Reply:
+        vm = self.vm
+        if request.kind is RequestKind.STOP:
+            self.stop("stopped on request")
+            return Reply(True, {"state": "stopped"})
+        if vm is None:
+            return Reply(True, {"state": "booting"})
+        if request.kind is RequestKind.PAUSE:
+            vm.pause()
+        elif request.kind is RequestKind.RESUME:
+            vm.resume()
+        status = vm.status()
+        status["boots"] = self.boots
+        status["uptime"] = round(time.monotonic() - self.started, 3)
+        return Reply(True, status)
+
+
+def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> GuestExit:
+    """Run the VM until it ends for good; return how it ended (``.kind.status`` is the exit
+    status). Raises ``KasouError`` for anything that stops it from being built."""
+    install_kick_handler()
+    session = _Session()
+    console = Console(config.console, on_quit=lambda: session.stop("quit from the console"))
+    loop = EventLoop(f"kasou-{config.name}-events")
+    server: ControlServer | None = None
+    previous = _install_stop_signals(session)
+    try:
+        loop.start()
+        if config.api_sock is not None:
+            server = ControlServer(config.api_sock, loop, session.handle)
+        while True:
+            vm = build_vm(config, console_output=console.write)
+            session.boots += 1
+            with session._lock:
+                stopped = session.quit is not None
+                session.vm = vm
+            try:
+                if stopped:
+                    return session.quit or GuestExit(ExitKind.STOPPED, "stopped")
+                console.attach(loop, vm.devices["serial0"])
+                vm.start()
+                if on_boot is not None:
+                    on_boot(vm)
+                ending = vm.wait()
+            finally:
+                with session._lock:
+                    session.vm = None
+                vm.close()
+            assert ending is not None
+            if ending.kind is ExitKind.REBOOT and config.on_reboot == "restart":
+                if session.quit is not None:
+                    return session.quit
+                log.info("the guest rebooted; booting again")
+                continue
+            return ending
+    finally:
+        _restore_signals(previous)
+        if server is not None:
+            server.close()
+        loop.stop()
+        console.close()
+
+
+def _install_stop_signals(session: _Session) -> dict[int, object]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        session.stop(f"stopped by {signal.Signals(signum).name}")
+
+    previous: dict[int, object] = {}
+    for signum in _STOP_SIGNALS:
+        previous[signum] = signal.signal(signum, on_signal)
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)  # type: ignore[arg-type]
+
+
+def print_crash(ending: GuestExit) -> None:
+    """Tell the user how the guest crashed (stderr)."""
+    where = f" on vCPU {ending.vcpu}" if ending.vcpu is not None else ""
+    sys.stderr.write(f"kasou: the guest crashed{where}: {ending.reason}\n")
+    if ending.report:
+        sys.stderr.write(ending.report + "\n")

@@ -1,0 +1,156 @@
+"""``Vm``: one running virtual machine and its lifecycle.
+
+The VM owns what the builder made (KVM fds, guest memory, buses, devices, vCPUs) and moves
+through the states in ``lifecycle.py``. The first ending wins: a guest power-off, reset or
+crash, or a stop request, stops every vCPU and is what ``wait`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kasou.devices.bus import Bus
+from kasou.errors import LifecycleError
+from kasou.kvm import Kvm, VmFd
+from kasou.memory import GuestMemory
+from kasou.vmm.config import VmConfig
+from kasou.vmm.lifecycle import Transition, VmState, next_state
+from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
+
+__all__ = ["Vm"]
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 10.0  # seconds a vCPU may take to answer pause/resume/stop
+
+
+class Vm:
+    """A VM built by ``vmm.builder.build_vm``."""
+
+    def __init__(
+        self,
+        config: VmConfig,
+        kvm: Kvm,
+        vm_fd: VmFd,
+        memory: GuestMemory,
+        pio: Bus,
+        mmio: Bus,
+        devices: dict[str, Any],
+        cleanup: contextlib.ExitStack,
+    ) -> None:
+        self.config = config
+        self.kvm = kvm
+        self.vm_fd = vm_fd
+        self.memory = memory
+        self.pio = pio
+        self.mmio = mmio
+        self.devices = devices
+        self.vcpus: list[Vcpu] = []
+        self._cleanup = cleanup
+        self._lock = threading.RLock()  # pause, resume and start, one at a time
+        self._end_lock = threading.Lock()
+        self._state = VmState.CREATED
+        self._ending: GuestExit | None = None
+        self._ended = threading.Event()
+        self._listeners: list[Callable[[GuestExit], None]] = []
+
+    @property
+    def state(self) -> VmState:
+        return self._state
+
+    @property
+    def ending(self) -> GuestExit | None:
+        """How the VM ended, once it has."""
+        return self._ending
+
+    def on_end(self, listener: Callable[[GuestExit], None]) -> None:
+        """Call ``listener(ending)`` (from whichever thread ends the VM) when it ends."""
+        self._listeners.append(listener)
+
+    def _move(self, transition: Transition) -> VmState:
+        self._state = next_state(self._state, transition)
+        return self._state
+
+    def start(self) -> None:
+        """Start every vCPU thread."""
+        with self._lock:
+            self._move(Transition.START)  # created --start--> running
+            for vcpu in self.vcpus:
+                vcpu.start()
+
+    def pause(self) -> None:
+        """Take every vCPU out of KVM_RUN and keep it out; guest state stays as it is."""
+        with self._lock:
+            if self._state is not VmState.RUNNING:
+                raise LifecycleError(self._state.value, VmState.RUNNING.value, "pause")
+            requests = [vcpu.pause() for vcpu in self.vcpus]
+            for request in requests:
+                request.wait(COMMAND_TIMEOUT)
+            with self._end_lock:
+                self._move(Transition.PAUSE)  # running --pause--> paused
+
+    def resume(self) -> None:
+        """Let the vCPUs run again after ``pause``."""
+        with self._lock:
+            if self._state is not VmState.PAUSED:
+                raise LifecycleError(self._state.value, VmState.PAUSED.value, "resume")
+            requests = [vcpu.resume() for vcpu in self.vcpus]
+            for request in requests:
+                request.wait(COMMAND_TIMEOUT)
+            with self._end_lock:
+                self._move(Transition.RESUME)  # paused --resume--> running
+
+    def stop(self, reason: str = "stopped on request") -> None:
+        """End the VM from the host side. Stopping a stopped VM does nothing."""
+        self.end(GuestExit(ExitKind.STOPPED, reason))
+
+    def end(self, ending: GuestExit) -> None:
+        """Record ``ending`` (the first one wins) and stop every vCPU.
+
+        Safe to call from a vCPU thread (a device's reset callback, a crash): the calling
+        vCPU is told to stop, not waited for."""
+        # Not under ``_lock``: a pause holding it may be waiting for this very vCPU.
+        with self._end_lock:
+            if self._ending is not None:
+                return
+            self._ending = ending
+            # running | paused | created --stop--> stopped
+            self._state = next_state(self._state, Transition.STOP)
+        for vcpu in self.vcpus:
+            vcpu.stop()
+        if ending.kind is ExitKind.CRASH:
+            log.error("vCPU %s: %s", ending.vcpu, ending.reason)
+        for listener in self._listeners:
+            listener(ending)
+        self._ended.set()
+
+    def wait(self, timeout: float | None = None) -> GuestExit | None:
+        """Block until the VM has ended; return how (``None`` on timeout)."""
+        if not self._ended.wait(timeout):
+            return None
+        current = threading.current_thread()
+        for vcpu in self.vcpus:
+            if vcpu._thread is not current:
+                vcpu.join(COMMAND_TIMEOUT)
+        return self._ending
+
+    def status(self) -> dict[str, Any]:
+        """What ``kasou status`` shows."""
+        ending = self._ending
+        return {
+            "state": self._state.value,
+            "vcpus": len(self.vcpus),
+            "memory": self.memory.size,
+            "exits": sum(vcpu.exits for vcpu in self.vcpus),
+            "ending": None if ending is None else {"kind": ending.kind.value, "reason": ending.reason},
+        }
+
+    def close(self) -> None:
+        """Stop the VM if needed and release everything it holds: threads, fds, memory."""
+        self.stop("closed")
+        self.wait(COMMAND_TIMEOUT)
+        self._cleanup.close()
