@@ -87,7 +87,7 @@ def host() -> None:
 
 
 def _request(sock: Path, name: str) -> None:
-    from kasou.api import ControlClient
+    from kasou.client import ControlClient
     from kasou.errors import KasouError
 
     try:

@@ -18,6 +18,9 @@ The bus is on the exit hot path and is called from several vCPU threads at once:
   models are written as single-threaded register machines. A device inserted at several
   ranges shares one lock across them.
 
+A vCPU that looked a device up just before ``remove`` may still complete that one access:
+remove devices while the vCPUs are paused.
+
 This module does not know KVM exits, port numbers of particular devices, or what the caller
 does for a hole.
 """

@@ -42,7 +42,7 @@ def run_logged(
     """Run ``argv``, appending its output (stdout and stderr) to ``log``. Raises
     ``ImageBuildError`` naming ``what``, quoting the log's tail, if it fails to start or exits
     non-zero. ``on_line`` sees each output line as it comes (for progress)."""
-    with open(log, "a", encoding="utf-8", errors="replace") as out:
+    with open(log, "a", encoding="utf-8", errors="replace", buffering=1) as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
         try:

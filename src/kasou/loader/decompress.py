@@ -41,6 +41,7 @@ _MAGICS: tuple[tuple[bytes, Format], ...] = (
     (b"\x89LZO", "lzo"),
 )
 
+_ZSTD_SLICE = 4096
 _LZ4_LEGACY_MAGIC = 0x184C2102
 # The lz4 legacy format cuts its input into independent blocks of 8 MiB of uncompressed data.
 _LZ4_LEGACY_BLOCK = 8 << 20
@@ -86,7 +87,9 @@ def decompress(data: bytes | memoryview, limit: int = DEFAULT_LIMIT) -> bytes:
         if kind == "lz4":
             return _lz4_legacy(data, limit)
     except (zlib.error, lzma.LZMAError, OSError, EOFError, zstandard.ZstdError) as error:
-        raise ImageError(f"the {kind} payload is corrupt ({error}): the image is damaged") from error
+        raise ImageError(
+            f"the {kind} payload is corrupt ({error}): the image is damaged"
+        ) from error
     raise ImageError(
         "the kernel payload is LZO-compressed, which kasou cannot decompress: build the "
         "kernel with another KERNEL_ compression or pass its vmlinux"
@@ -108,16 +111,22 @@ def _finish(
 
 def _zstd(data: bytes | memoryview, limit: int) -> bytes:
     # The kernel compresses with `zstd -22 --ultra`, whose window may exceed the library's
-    # default cap (128 MiB); a window can never need to be larger than the output limit.
+    # default cap (128 MiB); a window never needs to be larger than the output limit.
     decompressor = zstandard.ZstdDecompressor(max_window_size=max(limit, 1 << 27))
+    stream = decompressor.decompressobj()
+    view = memoryview(data)
     chunks: list[bytes] = []
     total = 0
-    with decompressor.stream_reader(bytes(data), read_across_frames=False) as reader:
-        while chunk := reader.read(1 << 22):
-            total += len(chunk)
-            _check_limit("zstd", total, limit)
-            chunks.append(chunk)
-    return b"".join(chunks)
+    # The decompression object has no output cap, so it is fed small slices: one slice of
+    # 4 KiB expands to at most 128 MiB (RLE blocks), checked before the next one.
+    for start in range(0, len(view), _ZSTD_SLICE):
+        chunk = stream.decompress(view[start : start + _ZSTD_SLICE])
+        total += len(chunk)
+        _check_limit("zstd", total, limit)
+        chunks.append(chunk)
+        if stream.eof:
+            return b"".join(chunks)
+    raise ImageError("the zstd payload is truncated: the image is damaged")
 
 
 def _lz4_legacy(data: bytes | memoryview, limit: int) -> bytes:

@@ -9,6 +9,7 @@ It does not read section headers, symbols or notes, and does not build ``boot_pa
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -110,7 +111,9 @@ def parse_elf(data: bytes | memoryview, name: str = "kernel") -> ElfKernel:
         if filesz > memsz:
             raise ImageError(f"{name}: segment {index} has more file bytes than memory bytes")
         if offset + filesz > len(data):
-            raise ImageError(f"{name} is truncated (segment {index} past its end): the file is damaged")
+            raise ImageError(
+                f"{name} is truncated (segment {index} past its end): the file is damaged"
+            )
         if paddr + memsz > 1 << 52:  # beyond any x86-64 physical address
             raise ImageError(f"{name}: segment {index} lies outside the physical address space")
         if paddr < BOOT_AREA_END:
@@ -122,7 +125,7 @@ def parse_elf(data: bytes | memoryview, name: str = "kernel") -> ElfKernel:
     if not segments:
         raise ImageError(f"{name} has nothing to load (no PT_LOAD segment): the image is damaged")
     ordered = sorted(segments, key=lambda segment: segment.paddr)
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         if before.end > after.paddr:
             raise ImageError(f"{name}: segments overlap at {after.paddr:#x}: the image is damaged")
     return ElfKernel(entry=_physical_entry(entry, segments, name), segments=tuple(segments))

@@ -7,7 +7,7 @@ so the command sees exactly the variables the script exports. The script::
 
     export NAME='value'     one line per variable, names checked to be shell names
     cd '/the/cwd' || exit 125
-    exec 'argv0' 'argv 1' ...
+    exec 'argv0' 'argv 1' ...    (argv0 must not start with '-')
 
 Every word is quoted with single quotes (POSIX.1-2017 XCU §2.2.2: nothing inside single
 quotes is special, so spaces, double quotes, backslashes, ``$``, newlines and any bytes other
@@ -60,9 +60,11 @@ def encode_command(argv: Sequence[str], *, cwd: str, env: Mapping[str, str]) -> 
             )
         lines.append(f"export {name}={_quote(value, f'variable {name}')}")
     lines.append(f"cd {_quote(cwd, 'the working directory')} || exit {_EXIT_NO_CWD}")
+    if argv[0].startswith("-"):
+        # exec takes no "--" in dash, and bash would read the name as an option of exec.
+        raise ValueError(f"a program name cannot start with '-': {argv[0]!r}")
     words = " ".join(_quote(arg, f"argument {index}") for index, arg in enumerate(argv))
-    # "exec --": a program name starting with '-' is not read as an option of exec.
-    lines.append(f"exec -- {words}")
+    lines.append(f"exec {words}")
     script = os.fsencode("\n".join(lines) + "\n")
     if len(script) > MAX_SCRIPT_BYTES:
         raise ValueError(

@@ -41,8 +41,8 @@ I8042_PORT = 0x60
 RTC_PORT = 0x70
 # KVM needs three pages below 4 GiB for the VMX real-mode TSS and identity page table;
 # they sit just under the BIOS area, inside the MMIO hole where no RAM is.
-TSS_ADDRESS = 0xFFFB_D000
-IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+TSS_ADDRESS = layout.KVM_TSS
+IDENTITY_MAP_ADDRESS = layout.KVM_IDENTITY_MAP
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,12 @@ def _wire_devices(
     extra_devices: Sequence[ExtraDevice],
 ) -> None:
     triggers: list[EventfdTrigger] = []
-    vm._cleanup.callback(lambda: [trigger.close() for trigger in triggers])
+
+    def close_triggers() -> None:
+        for trigger in triggers:
+            trigger.close()
+
+    vm._cleanup.callback(close_triggers)
 
     def line(gsi: int) -> EventfdTrigger:
         trigger = EventfdTrigger(vm.vm_fd, gsi)
@@ -246,12 +251,6 @@ def _segment(segment: gdt.Segment) -> b.KvmSegment:
     )
 
 
-# CR0/CR4/EFER bits for long mode (Intel SDM vol. 3, 2.5 and 9.8.5).
-CR0_PE, CR0_ET, CR0_PG = 1 << 0, 1 << 4, 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME, EFER_LMA = 1 << 8, 1 << 10
-
-
 def _set_boot_registers(fd: VcpuFd, entry: int) -> None:
     """The boot CPU as the 64-bit boot protocol wants it: long mode, identity-mapped,
     flat segments, interrupts off, RSI = boot_params (Documentation/arch/x86/boot.rst)."""
@@ -263,11 +262,11 @@ def _set_boot_registers(fd: VcpuFd, entry: int) -> None:
     sregs.gdt.base, sregs.gdt.limit = gdt.GDT_ADDRESS, gdt.GDT_LIMIT
     sregs.idt.base, sregs.idt.limit = layout.IDT, 0
     sregs.cr3 = paging.PML4_ADDRESS
-    sregs.cr4 |= CR4_PAE
-    sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG
-    sregs.efer |= EFER_LME | EFER_LMA
+    sregs.cr4 |= paging.LONG_MODE_CR4
+    sregs.cr0 |= paging.LONG_MODE_CR0
+    sregs.efer |= paging.LONG_MODE_EFER
     fd.set_sregs(sregs)
-    regs = b.KvmRegs(rip=entry, rsi=layout.ZERO_PAGE, rflags=0x2, rsp=0)
+    regs = b.KvmRegs(rip=entry, rsi=layout.ZERO_PAGE, rflags=0x2, rsp=layout.BOOT_STACK)
     fd.set_regs(regs)
     fpu = b.KvmFpu(fcw=0x37F, mxcsr=0x1F80)
     fd.set_fpu(fpu)

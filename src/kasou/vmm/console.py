@@ -13,7 +13,7 @@ import os
 import termios
 import tty
 from collections.abc import Callable
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from kasou.event import EventLoop
 from kasou.vmm.config import ConsoleConfig
@@ -30,6 +30,17 @@ class SerialInput(Protocol):
     def enqueue_input(self, data: bytes) -> int: ...
 
 
+def _read_all(fd: int, limit: int = 1 << 20) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class Console:
     """COM1's host end for one ``kasou run`` (it outlives guest reboots)."""
 
@@ -37,7 +48,7 @@ class Console:
         self.config = config
         self._on_quit = on_quit
         self._file: BinaryIO | None = None
-        self._saved_tty: list[object] | None = None
+        self._saved_tty: list[Any] | None = None
         self._escape = False
         self._pending = b""
         self._serial: SerialInput | None = None
@@ -72,7 +83,14 @@ class Console:
             tty.setraw(0)
         os.set_blocking(0, False)
         self._stdin_open = True
-        loop.add_reader(0, self._on_stdin)
+        try:
+            loop.add_reader(0, self._on_stdin)
+        except PermissionError:
+            # A regular file or /dev/null: epoll refuses it. Its contents are all there
+            # already, so they are queued at once and fed as the UART takes them.
+            self._stdin_open = False
+            self._pending = _read_all(0)
+            loop.call_soon(self._feed)
 
     def _on_stdin(self, events: int) -> None:
         if self._pending:

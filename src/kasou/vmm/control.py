@@ -56,7 +56,8 @@ class ControlServer:
             return
         client.setblocking(False)
         self._clients[client.fileno()] = (client, bytearray())
-        self._loop.add_reader(client.fileno(), lambda ev, fd=client.fileno(): self._on_data(fd))
+        fd = client.fileno()
+        self._loop.add_reader(fd, lambda events: self._on_data(fd))
 
     def _on_data(self, fd: int) -> None:
         client, buffer = self._clients[fd]

@@ -336,9 +336,9 @@ def register_report(fd: VcpuFd) -> str:
         sregs = fd.get_sregs()
     except KasouError as error:
         return f"vCPU {fd.vcpu_id}: registers unavailable ({error})"
-    names = [name for name, _ in regs._fields_]
+    names = [field[0] for field in regs._fields_]
     lines = [f"vCPU {fd.vcpu_id} registers:"]
-    for row in range(0, len(names), 4):
+    for row in range(0, len(names), 4):  # four registers a line
         lines.append(
             "  " + "  ".join(f"{name:>6}={getattr(regs, name):016x}" for name in names[row : row + 4])
         )

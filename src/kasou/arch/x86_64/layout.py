@@ -20,12 +20,13 @@ Below 1 MiB (all of it guest RAM)::
     0x10_0000 -           HIMEM: kernel, initrd, the rest of RAM
 
 Above: RAM up to 3 GiB, then the MMIO hole [3 GiB, 4 GiB) with virtio-mmio devices at
-0xd000_0000, the IOAPIC at 0xfec0_0000 and the local APIC at 0xfee0_0000; RAM beyond 3 GiB
-continues at 4 GiB.
+0xd000_0000, the IOAPIC at 0xfec0_0000, the local APIC at 0xfee0_0000 and KVM's private pages at
+0xfffb_c000; RAM beyond 3 GiB continues at 4 GiB.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from kasou.errors import ConfigError
@@ -51,6 +52,9 @@ __all__ = [
     "IRQ_I8042",
     "IRQ_PIT",
     "IRQ_RTC",
+    "KVM_IDENTITY_MAP",
+    "KVM_TSS",
+    "KVM_TSS_SIZE",
     "LAPIC_ADDRESS",
     "LAPIC_SIZE",
     "MAX_MEMORY",
@@ -130,6 +134,12 @@ IOAPIC_SIZE = 0x1000
 IOAPIC_PINS = 24  # KVM's in-kernel IOAPIC (KVM_IOAPIC_NUM_PINS)
 LAPIC_ADDRESS = 0xFEE0_0000  # IA32_APIC_BASE default (Intel SDM vol. 3, 11.4.1)
 LAPIC_SIZE = 0x1000
+# Pages KVM on Intel needs in guest-physical space for its own use, outside RAM: the real-mode
+# TSS (KVM_SET_TSS_ADDR, three pages) and the EPT identity page table (KVM_SET_IDENTITY_MAP_ADDR,
+# one page) (Documentation/virt/kvm/api.rst). Just below the BIOS area at the top of 4 GiB.
+KVM_IDENTITY_MAP = 0xFFFB_C000
+KVM_TSS = 0xFFFB_D000
+KVM_TSS_SIZE = 0x3000
 
 # ISA interrupt lines as on a PC; each is the IOAPIC pin of the same number (mptable.py).
 IRQ_PIT = 0
@@ -143,7 +153,7 @@ VIRTIO_IRQS: tuple[int, ...] = tuple(
     irq for irq in range(5, IOAPIC_PINS) if irq not in (IRQ_RTC, 12)
 )
 
-# e820 address range types (ACPI 6.5 §15, Table 15.312; asm/e820/types.h). The same numbers
+# e820 address range types (ACPI spec, "Address Range Types"; asm/e820/types.h). The same numbers
 # as kasou.loader.bootparams; arch/ and loader/ are sibling layers and do not import each other.
 E820_RAM = 1
 E820_RESERVED = 2
@@ -151,10 +161,16 @@ E820_RESERVED = 2
 MIN_MEMORY = 16 * MiB  # the boot structures, a small kernel and room to run
 MAX_MEMORY = 1 << 40  # 1 TiB: a sanity bound well inside 46 bits of guest-physical address
 
-for _index, (_name, _start, _size) in enumerate(BOOT_AREAS):
-    assert _start + _size <= (HIMEM if _name != "mp table" else HIMEM), _name
-    for _other, _ostart, _osize in BOOT_AREAS[_index + 1 :]:
-        assert _start + _size <= _ostart or _ostart + _osize <= _start, (_name, _other)
+
+def _check_boot_areas() -> None:
+    # Every boot structure lies below 1 MiB and none overlaps another.
+    ordered = sorted(BOOT_AREAS, key=lambda area: area[1])
+    for (name, start, size), (following, next_start, _) in itertools.pairwise(ordered):
+        assert start + size <= next_start, f"{name} overlaps {following}"
+    assert ordered[-1][1] + ordered[-1][2] <= HIMEM
+
+
+_check_boot_areas()
 
 
 def ram_layout(size: int) -> list[tuple[int, int]]:

@@ -35,14 +35,14 @@ from kasou.devices import DeviceStateError
 __all__ = ["I8042", "I8042State"]
 
 # Offsets from base 0x60.
-_DATA = 0
-_STATUS_COMMAND = 4
+_DATA_PORT = 0  # port 0x60
+_COMMAND_PORT = 4  # port 0x64: status on read, command on write
 
 # Status register (port 0x64 read; IBM PC/AT Technical Reference, "Keyboard Controller").
 _STATUS_OBF = 0x01  # output buffer full: port 0x60 has a byte for the CPU
 _STATUS_IBF = 0x02  # input buffer full: never, commands and data are taken at once
 _STATUS_SYSTEM = 0x04  # system flag, copied from command byte bit 2
-_STATUS_COMMAND = 0x08  # the last byte written went to port 0x64 (1) or 0x60 (0)
+_STATUS_LAST_WAS_COMMAND = 0x08  # the last byte written went to port 0x64 (1) or 0x60 (0)
 _STATUS_UNLOCKED = 0x10  # keyboard not inhibited by the key lock
 _STATUS_AUXDATA = 0x20  # the output buffer holds aux (mouse) data: never, there is no aux port
 _STATUS_TIMEOUT = 0x40  # general time-out: a byte sent to the keyboard got no answer
@@ -130,9 +130,9 @@ class I8042:
     def write(self, offset: int, data: memoryview) -> None:
         """Write port 0x60 (data) or 0x64 (command) at ``offset`` from 0x60."""
         for i, value in enumerate(data):
-            if offset + i == _DATA:
+            if offset + i == _DATA_PORT:
                 self._write_data(value)
-            elif offset + i == _STATUS_COMMAND:
+            elif offset + i == _COMMAND_PORT:
                 self._write_command(value)
 
     def save(self) -> I8042State:
@@ -177,19 +177,19 @@ class I8042:
         return controller
 
     def _read_port(self, offset: int) -> int:
-        if offset == _DATA:
+        if offset == _DATA_PORT:
             value = self._output
             self._output = None
             self._timeout = False
             return 0x00 if value is None else value
-        if offset == _STATUS_COMMAND:
+        if offset == _COMMAND_PORT:
             status = _STATUS_UNLOCKED
             if self._output is not None:
                 status |= _STATUS_OBF
             if self._command_byte & _CTR_SYSTEM:
                 status |= _STATUS_SYSTEM
             if self._last_write_was_command:
-                status |= _STATUS_COMMAND
+                status |= _STATUS_LAST_WAS_COMMAND
             if self._timeout:
                 status |= _STATUS_TIMEOUT
             return status

@@ -101,10 +101,23 @@ extern char ap_tramp_start[]; /* real-mode AP trampoline, copied to AP_TRAMPOLIN
 extern char ap_tramp_end[];
 extern char boot_gdt[];
 extern char boot_gdt_end[];
+extern char trap_stack_top[];
+extern char user_stack_top[];
 extern uint32_t ap_cr3;
 extern uint32_t ap_next_slot;
 __attribute__((noreturn)) void enter_user(uint64_t rip, uint64_t rsp, uint64_t rflags,
 					  uint64_t arg);
+
+/* A pointer to a fixed guest-physical address. The empty asm hides the
+ * constant from gcc, which otherwise warns that "address 0x40e" points into
+ * no object (-Warray-bounds). */
+static inline void *phys(uint64_t addr)
+{
+	void *p;
+
+	__asm__("" : "=r"(p) : "0"(addr));
+	return p;
+}
 
 /* lib.c: pure helpers, no I/O, safe to call from either ring. */
 void *memset(void *dst, int c, size_t n);

@@ -18,7 +18,9 @@
  *
  * Code for each processor mode lives in its own section (.text16, .text32,
  * .text) so that build.py can disassemble each in the right mode when it
- * checks for instructions the PVM emulator refuses.
+ * checks for instructions the PVM emulator refuses. The 64-bit code comes
+ * last in this file: gas fills every alignment gap with nops of the mode
+ * the file ends in, and 16-bit nops in 64-bit code decode as garbage.
  */
 #include "guest.h"
 
@@ -60,6 +62,28 @@ boot_gdt_end:
 boot_gdtr:
 	.word boot_gdt_end - boot_gdt - 1
 	.quad boot_gdt
+
+/* ------------------------------------------------------------------------
+ * AP trampoline: real-mode code, copied to AP_TRAMPOLINE by the BSP before
+ * it sends INIT-SIPI-SIPI (Intel MP spec 1.4 appendix B.4). A SIPI with
+ * vector AP_TRAMPOLINE >> 12 starts the AP at CS = AP_TRAMPOLINE >> 4,
+ * IP = 0. The BSP writes the boot GDT's pseudo-descriptor at
+ * AP_TRAMPOLINE_GDTR, so this code holds no data.
+ */
+	.section .text16, "ax"
+	.code16
+	.globl ap_tramp_start, ap_tramp_end
+ap_tramp_start:
+	cli
+	cld
+	mov	%cs, %ax
+	mov	%ax, %ds
+	lgdtl	(AP_TRAMPOLINE_GDTR - AP_TRAMPOLINE)
+	mov	%cr0, %eax
+	or	$CR0_PE, %eax
+	mov	%eax, %cr0
+	ljmpl	$BOOT_CS32, $ap_entry32
+ap_tramp_end:
 
 /* ------------------------------------------------------------------------
  * 32-bit code: the Multiboot entry, the APs' protected-mode step, and the
@@ -288,28 +312,6 @@ isr_common:
 	iretq
 
 /* ------------------------------------------------------------------------
- * AP trampoline: real-mode code, copied to AP_TRAMPOLINE by the BSP before
- * it sends INIT-SIPI-SIPI (Intel MP spec 1.4 appendix B.4). A SIPI with
- * vector AP_TRAMPOLINE >> 12 starts the AP at CS = AP_TRAMPOLINE >> 4,
- * IP = 0. The BSP writes the boot GDT's pseudo-descriptor at
- * AP_TRAMPOLINE_GDTR, so this code holds no data.
- */
-	.section .text16, "ax"
-	.code16
-	.globl ap_tramp_start, ap_tramp_end
-ap_tramp_start:
-	cli
-	cld
-	mov	%cs, %ax
-	mov	%ax, %ds
-	lgdtl	(AP_TRAMPOLINE_GDTR - AP_TRAMPOLINE)
-	mov	%cr0, %eax
-	or	$CR0_PE, %eax
-	mov	%eax, %cr0
-	ljmpl	$BOOT_CS32, $ap_entry32
-ap_tramp_end:
-
-/* ------------------------------------------------------------------------
  * Boot page tables (.bss, cleared by the entries) and stacks (.stack, never
  * cleared: the entries run on them).
  */
@@ -333,6 +335,12 @@ ap_next_slot:
 	.balign 4096
 	.skip 16384
 bsp_stack_top:
+	.skip 16384
+	.globl trap_stack_top
+trap_stack_top:			/* TSS.RSP0: traps and interrupts from ring 3 */
+	.skip 16384
+	.globl user_stack_top
+user_stack_top:
 	.balign 4096
 ap_stacks:
 	.skip (MAX_CPUS - 1) << AP_STACK_SHIFT

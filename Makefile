@@ -1,0 +1,49 @@
+# kasou's build, test and benchmark entry points. `make demo` and `make test` do all the
+# setup themselves on a fresh Debian 12 machine (as root: Debian packages are installed with
+# apt-get when missing).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEBS := gcc make qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs flex bison bc libelf-dev libssl-dev linux-libc-dev
+
+.PHONY: all setup deps test lint typecheck layers unit kvm e2e bench demo clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+setup: deps $(STAMP)
+
+deps:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+layers: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+test: setup
+	$(PY) tests/run_tiers.py
+
+bench: setup
+	$(PY) bench/run.py
+
+demo: setup
+	$(PY) -m kasou.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

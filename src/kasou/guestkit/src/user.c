@@ -1,0 +1,230 @@
+/*
+ * user.c - the ring-3 workloads of the kasou test guest.
+ *
+ * Ring 3 reaches devices two ways: MMIO directly (every page is
+ * user-accessible), and everything else through ud2, which raises #UD; the
+ * ring-0 handler (kernel.c, service()) does the service named in RAX and
+ * returns past the ud2. On PVM `int N` and `syscall` from ring 3 are broken,
+ * while exceptions raised in ring 3 are delivered through the IDT.
+ *
+ * Each workload ends with SVC_EXIT, which prints "kasou-guest: done" or
+ * "kasou-guest: fail <reason>" and resets the machine.
+ */
+#include "guest.h"
+
+#define TEST_MMIO_BASE 0xd0000000UL
+#define TEST_PIO_BASE 0x500
+#define COUNTER_ADDR 0x200000UL
+#define COM1 0x3f8
+
+static inline uint64_t svc(uint64_t nr, uint64_t a, uint64_t b)
+{
+	__asm__ volatile("ud2" : "+a"(nr) : "D"(a), "S"(b) : "memory");
+	return nr;
+}
+
+static void uwrite(const char *s, size_t n)
+{
+	svc(SVC_WRITE, (uint64_t)s, n);
+}
+
+static __attribute__((format(printf, 1, 2))) void uprintf(const char *fmt, ...)
+{
+	char buf[256];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vformat(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	uwrite(buf, n < (int)sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+}
+
+static __attribute__((noreturn)) void udone(void)
+{
+	for (;;)
+		svc(SVC_EXIT, 0, 0);
+}
+
+static __attribute__((noreturn)) void ufail(const char *reason)
+{
+	for (;;)
+		svc(SVC_EXIT, 1, (uint64_t)reason);
+}
+
+static uint64_t uarg(const struct user_args *args, const char *key, uint64_t fallback)
+{
+	char value[32];
+	uint64_t v;
+
+	if (!cmdline_get(args->cmdline, key, value, sizeof(value)))
+		return fallback;
+	if (!parse_u64(value, &v))
+		ufail("bad number in a key=value argument");
+	return v;
+}
+
+/* Single accesses of exactly the given width (a device sees one exit each). */
+static inline void mmio_w8(uint64_t a, uint8_t v)
+{
+	__asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_w16(uint64_t a, uint16_t v)
+{
+	__asm__ volatile("movw %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_w32(uint64_t a, uint32_t v)
+{
+	__asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_w64(uint64_t a, uint64_t v)
+{
+	__asm__ volatile("movq %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline uint8_t mmio_r8(uint64_t a)
+{
+	uint8_t v;
+
+	__asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(a) : "memory");
+	return v;
+}
+
+static inline uint16_t mmio_r16(uint64_t a)
+{
+	uint16_t v;
+
+	__asm__ volatile("movw (%1), %0" : "=r"(v) : "r"(a) : "memory");
+	return v;
+}
+
+static inline uint32_t mmio_r32(uint64_t a)
+{
+	uint32_t v;
+
+	__asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(a) : "memory");
+	return v;
+}
+
+static inline uint64_t mmio_r64(uint64_t a)
+{
+	uint64_t v;
+
+	__asm__ volatile("movq (%1), %0" : "=r"(v) : "r"(a) : "memory");
+	return v;
+}
+
+void user_hello(const struct user_args *args)
+{
+	(void)args;
+	uprintf("hello from ring 3\n");
+	udone();
+}
+
+/* echo n=N: N bytes in from COM1, each written straight back. */
+void user_echo(const struct user_args *args)
+{
+	uint64_t n = uarg(args, "n", 1);
+	uint8_t last = '\n';
+
+	uprintf("echo: ready n=%lu\n", n);
+	for (uint64_t i = 0; i < n; i++) {
+		last = (uint8_t)svc(SVC_GETC, 0, 0);
+		svc(SVC_PUTC, last, 0);
+	}
+	if (last != '\n')
+		uwrite("\n", 1);
+	udone();
+}
+
+/*
+ * dispatch: one access of each kind, in this order, for a test device at
+ * TEST_MMIO_BASE and TEST_PIO_BASE. Each value read is printed as key=0x...
+ */
+void user_dispatch(const struct user_args *args)
+{
+	const uint64_t m = TEST_MMIO_BASE;
+
+	(void)args;
+	mmio_w32(m + 0x00, 0x11223344);
+	uprintf("mmio32=0x%08x\n", mmio_r32(m + 0x04));
+	mmio_w8(m + 0x08, 0xa5);
+	uprintf("mmio8=0x%02x\n", mmio_r8(m + 0x0c));
+	mmio_w16(m + 0x10, 0xbeef);
+	uprintf("mmio16=0x%04x\n", mmio_r16(m + 0x14));
+	mmio_w64(m + 0x18, 0x0102030405060708ULL);
+	uprintf("mmio64=0x%016lx\n", mmio_r64(m + 0x20));
+
+	svc(SVC_OUTB, TEST_PIO_BASE, 0x5a);
+	uprintf("pio8=0x%02lx\n", svc(SVC_INB, TEST_PIO_BASE, 0));
+	svc(SVC_OUTW, TEST_PIO_BASE + 2, 0xbeef);
+	uprintf("pio16=0x%04lx\n", svc(SVC_INW, TEST_PIO_BASE + 2, 0));
+	svc(SVC_OUTL, TEST_PIO_BASE + 4, 0xcafef00d);
+	uprintf("pio32=0x%08lx\n", svc(SVC_INL, TEST_PIO_BASE + 4, 0));
+	udone();
+}
+
+/* mmio ... ring=3: the MMIO loop of kernel.c's work_mmio, from ring 3. */
+void user_mmio(const struct user_args *args)
+{
+	uint64_t count = uarg(args, "count", 1000);
+	uint64_t addr = uarg(args, "addr", TEST_MMIO_BASE);
+	uint64_t n = count;
+
+	if (n)
+		__asm__ volatile("1: movl %%eax, (%%rdx)\n\t"
+				 "dec %%rcx\n\t"
+				 "jnz 1b"
+				 : "+c"(n)
+				 : "a"(0), "d"(addr)
+				 : "memory");
+	uprintf("count=%lu\n", count);
+	udone();
+}
+
+/*
+ * irq: ring 0 has started a 1 ms LAPIC timer and routed COM1's IRQ 4. This
+ * side turns on the UART's THR-empty interrupt (IER bit 1, which fires at
+ * once while the transmitter is empty) and spins until it has seen 10 ticks
+ * and the UART interrupt. The spin is bounded so a lost interrupt fails
+ * instead of hanging.
+ */
+void user_irq(const struct user_args *args)
+{
+	uint64_t spins = 0;
+	uint64_t ticks, ticks_ring3, uart_irqs;
+
+	svc(SVC_OUTB, COM1 + 1, 0x02);
+	while (*args->ticks < 10 || *args->uart_irqs < 1) {
+		__asm__ volatile("pause");
+		if (++spins == (1ULL << 32))
+			break;
+	}
+	/* One snapshot, so the printed figures agree with each other. */
+	ticks_ring3 = *args->ticks_ring3;
+	ticks = *args->ticks;
+	uart_irqs = *args->uart_irqs;
+	uprintf("ticks=%lu\n", ticks);
+	uprintf("ticks_ring3=%lu\n", ticks_ring3);
+	uprintf("uart_irq=%lu\n", uart_irqs);
+	if (ticks < 10)
+		ufail("fewer than 10 LAPIC timer interrupts");
+	if (uart_irqs < 1)
+		ufail("no COM1 interrupt through the IOAPIC");
+	udone();
+}
+
+/* counter: a 64-bit counter at a fixed guest-physical address, forever. */
+void user_counter(const struct user_args *args)
+{
+	volatile uint64_t *counter = phys(COUNTER_ADDR);
+
+	(void)args;
+	*counter = 0;
+	uprintf("counter_addr=0x%lx\n", COUNTER_ADDR);
+	for (;;)
+		(*counter)++;
+}

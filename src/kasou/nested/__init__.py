@@ -1,0 +1,25 @@
+"""A real /dev/kvm for kasou's end-to-end tests: run one command inside a nested host.
+
+On a host whose /dev/kvm cannot boot Linux (PVM here; shared/ENVIRONMENT.md), QEMU's TCG
+emulates AMD-V, and a Linux VM started that way loads kvm-amd and offers a real /dev/kvm.
+``run_nested(["make", "e2e"])`` boots such a VM (the "outer VM") on Debian's stock kernel,
+gives it this host's root file system read-only over 9p with an in-memory overlay on top (same
+Python, same checkout, same packages; writes are discarded), runs the command there as root
+in the caller's directory, streams its output back, and powers the VM off.
+
+    >>> from kasou.nested import run_nested
+    >>> run_nested(["ls", "-l", "/dev/kvm"]).status
+    0
+
+``prepare()`` builds the outer kernel and initramfs once (cached under
+``$KASOU_CACHE_DIR/nested``); ``nested_available()`` says whether this host can do it at all.
+The package knows nothing of kasou's VMM: it is a test harness that runs any command.
+"""
+
+from __future__ import annotations
+
+from kasou.nested._errors import NestedError
+from kasou.nested._image import prepare
+from kasou.nested._run import NestedResult, nested_available, run_nested
+
+__all__ = ["NestedError", "NestedResult", "nested_available", "prepare", "run_nested"]

@@ -1,0 +1,432 @@
+"""Running one command in the outer VM and tearing the VM down, whatever happens.
+
+One run::
+
+    host                                         outer VM (QEMU TCG, -cpu qemu64,+svm)
+    private temp dir ── share/ ── 9p kasouctl ── /ctl: command.sh in; started, status out
+    /  (read-only) ─────────────── 9p hostroot ── /lower ─ overlay + tmpfs ─ chroot, command
+    out.sock  <──────── virtio-serial port "kasou.out" ── the command's stdout and stderr
+    console.log  <───── ttyS0 ── kernel console and /init's own messages
+
+QEMU runs in its own process group and session (so a Ctrl-C at the terminal reaches only the
+caller) and is killed with the whole group on every way out of ``run_nested``: a timeout, an
+exception, Ctrl-C (KeyboardInterrupt is re-raised) or SIGTERM (re-delivered after clean-up
+when it arrives in the main thread). It also gets PR_SET_PDEATHSIG (through util-linux
+setpriv), so it dies if the calling process is killed outright. The private temp dir is
+always removed.
+
+The command's output arrives over virtio-serial, not a serial console: no kernel message can
+mix into it, it is not a tty (no CRLF translation; programs buffer as they do into a pipe), and
+a blocking write in the guest returns only once QEMU has taken the bytes, so nothing is lost
+when /init powers off right after the command ends (drivers/char/virtio_console.c,
+__send_to_port, waits for the host to use the buffer).
+
+This module does not build the kernel or initramfs (``_image``) or choose how the command is
+quoted (``_command``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from kasou.errors import ConfigError
+from kasou.nested._command import encode_command
+from kasou.nested._errors import NestedError
+from kasou.nested._image import (
+    CONTROL_TAG,
+    HOST_ROOT_TAG,
+    INITRAMFS,
+    KERNEL,
+    OUTPUT_PORT,
+    cache_entry_if_built,
+    find_busybox,
+    prepare,
+)
+
+__all__ = ["NestedResult", "nested_available", "qemu_command", "run_nested"]
+
+_log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+_INSTALL_QEMU = "install it: apt-get install qemu-system-x86"
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Directories the outer VM replaces with fresh file systems: a working directory there would
+# not be what the caller sees.
+_MASKED = ("/tmp", "/run", "/proc", "/sys", "/dev")
+_CONSOLE_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class NestedResult:
+    """How the command ended in the nested host."""
+
+    status: int
+    """The command's exit status; 128+N if signal N killed it (the shell's convention)."""
+    output: str
+    """Its stdout and stderr together, as written (undecodable UTF-8 replaced)."""
+    wall_seconds: float
+    """From starting QEMU to QEMU's exit: boot, the command, power-off."""
+
+
+def nested_available() -> str | None:
+    """None if ``run_nested`` can work on this host, else why not and what to install."""
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return f"the nested host needs x86-64 Linux, not {sys.platform} on {platform.machine()}"
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is missing: {_INSTALL_QEMU}"
+    if find_busybox() is None:
+        return "a static busybox is missing: install it: apt-get install busybox-static"
+    if cache_entry_if_built() is None:
+        missing = [tool for tool in ("apt-cache", "apt-get", "dpkg-deb") if not shutil.which(tool)]
+        if missing:
+            return (
+                f"the outer VM's kernel is not cached, and building it needs Debian's apt: "
+                f"{', '.join(missing)} missing"
+            )
+    return None
+
+
+def _default_cpus() -> int:
+    # TCG runs one host thread per vCPU with thread=multi; more vCPUs than host cores only
+    # slows every one of them.
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _opt(value: str | Path) -> str:
+    """A value inside a QEMU option string: commas are doubled (qemu-options, "-device")."""
+    return str(value).replace(",", ",,")
+
+
+def qemu_command(
+    qemu: str,
+    entry: Path,
+    workdir: Path,
+    *,
+    memory_mib: int,
+    cpus: int,
+) -> list[str]:
+    """QEMU's argv for one run: the kernel and initramfs from cache ``entry``, the host root
+    and ``workdir/share`` over 9p, output to ``workdir/out.sock``, console to
+    ``workdir/console.log``."""
+    accel = "tcg,thread=multi" if cpus > 1 else "tcg"
+    return [
+        qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-accel", accel,
+        # TCG emulates AMD-V (SVM), so kvm-amd loads inside and /dev/kvm is a real KVM.
+        "-cpu", "qemu64,+svm",
+        "-smp", str(cpus),
+        "-m", str(memory_mib),
+        "-kernel", str(entry / KERNEL),
+        "-initrd", str(entry / INITRAMFS),
+        # panic=-1 reboots at once on a panic (init dying), and -no-reboot turns that into
+        # QEMU's exit; quiet keeps the console (a file) short.
+        "-append", "console=ttyS0 panic=-1 quiet",
+        "-serial", f"file:{_opt(workdir / 'console.log')}",
+        "-virtfs",
+        f"local,path=/,mount_tag={HOST_ROOT_TAG},security_model=none,readonly=on,"
+        "multidevs=remap",
+        "-virtfs",
+        f"local,path={_opt(workdir / 'share')},mount_tag={CONTROL_TAG},security_model=none",
+        "-device", "virtio-serial-pci,id=kasouserial",
+        "-chardev", f"socket,id=kasouout,path={_opt(workdir / 'out.sock')}",
+        "-device", f"virtserialport,bus=kasouserial.0,chardev=kasouout,name={OUTPUT_PORT}",
+    ]  # fmt: skip
+
+
+def _check_request(
+    command: Sequence[str], cwd: Path, timeout: float, memory_mib: int, cpus: int
+) -> None:
+    if isinstance(command, str | bytes):
+        raise ConfigError("command", "give the program and its arguments as a list of strings")
+    if not command:
+        raise ConfigError("command", "the command is empty: give a program and its arguments")
+    if not timeout > 0:
+        raise ConfigError("timeout", f"must be a positive number of seconds, not {timeout}")
+    if memory_mib < 512:
+        raise ConfigError("memory", f"the outer VM needs at least 512 MiB, not {memory_mib}")
+    if not 1 <= cpus <= 64:
+        raise ConfigError("cpus", f"must be between 1 and 64, not {cpus}")
+    if not cwd.is_absolute() or not cwd.is_dir():
+        raise ConfigError("cwd", f"{cwd} is not an existing directory on this host")
+    real = os.path.realpath(cwd)
+    for masked in _MASKED:
+        if real == masked or real.startswith(masked + "/"):
+            raise ConfigError(
+                "cwd",
+                f"{cwd} is under {masked}, which the nested host replaces with a fresh file "
+                "system: run from a directory elsewhere",
+            )
+
+
+def run_nested(
+    command: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    timeout: float = 1200,
+    memory_mib: int = 3072,
+    cpus: int | None = None,
+    stream: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> NestedResult:
+    """Run ``command`` as root in a nested host that has a real /dev/kvm; return how it ended.
+
+    The command sees this host's file system (read-only underneath, writable through an
+    in-memory overlay that is discarded afterwards), with fresh /tmp, /run, /proc, /sys and
+    /dev, in ``cwd`` (default: the current directory), with PATH and HOME from this process
+    plus ``env``. Its stdout and stderr are collected and, with ``stream``, copied to
+    ``sys.stdout`` as they arrive. The first call builds the outer kernel and initramfs
+    (``prepare``). ``timeout`` counts from QEMU's start and covers the boot.
+
+    Raises ``ConfigError`` for an unusable argument and ``NestedError`` when the nested host
+    is unavailable, fails to boot, or runs past ``timeout`` (QEMU is then killed).
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    cpus = _default_cpus() if cpus is None else cpus
+    _check_request(command, cwd, timeout, memory_mib, cpus)
+    variables = {
+        "PATH": os.environ.get("PATH", _DEFAULT_PATH),
+        "HOME": os.environ.get("HOME", "/root"),
+        **(env or {}),
+    }
+    try:
+        script = encode_command(list(command), cwd=str(cwd), env=variables)
+    except ValueError as error:
+        raise ConfigError("command", str(error)) from error
+    reason = nested_available()
+    if reason is not None:
+        raise NestedError(f"the nested host cannot run here: {reason}")
+    entry = prepare()
+    qemu = shutil.which(QEMU)
+    assert qemu is not None  # nested_available checked it
+
+    with _sigterm_raises(), _private_dir() as workdir:
+        share = workdir / "share"
+        share.mkdir()
+        (share / "command.sh").write_bytes(script)
+        argv = qemu_command(qemu, entry, workdir, memory_mib=memory_mib, cpus=cpus)
+        _log.debug("starting the outer VM: %s", argv)
+        sink = _Streamer() if stream else None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            socket_path = str(workdir / "out.sock")
+            if len(os.fsencode(socket_path)) >= 108:  # sizeof(sun_path), unix(7)
+                raise NestedError(
+                    f"the temporary directory path {workdir} is too long for a Unix socket: "
+                    "set TMPDIR to a shorter directory"
+                )
+            listener.bind(socket_path)
+            listener.listen(1)
+            chunks: list[bytes] = []
+            started = time.monotonic()
+            with (workdir / "qemu.log").open("wb") as qemu_log:
+                process = subprocess.Popen(
+                    _die_with_parent(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=qemu_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                finished = _collect(process, listener, started + timeout, chunks, sink)
+            finally:
+                _kill_group(process)
+            wall = time.monotonic() - started
+        output = b"".join(chunks).decode("utf-8", errors="replace")
+        if not finished:
+            raise NestedError(
+                f"the outer VM hung for {timeout:g} s and was killed{_timeout_context(workdir)}",
+                output=output,
+            )
+        return NestedResult(_read_status(workdir, process, output), output, wall)
+
+
+def _collect(
+    process: subprocess.Popen[bytes],
+    listener: socket.socket,
+    deadline: float,
+    chunks: list[bytes],
+    sink: _Streamer | None,
+) -> bool:
+    """Gather the command's output until QEMU exits; False if ``deadline`` passed first."""
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        with selectors.DefaultSelector() as selector:
+            # QEMU connects to the socket while it starts (chardev set-up), before the guest
+            # runs; if it exits first (a bad option, a missing file), its pidfd turns readable.
+            selector.register(listener, selectors.EVENT_READ)
+            selector.register(pidfd, selectors.EVENT_READ)
+            connection = None
+            while connection is None:
+                events = selector.select(deadline - time.monotonic())
+                if not events:
+                    return False
+                if any(key.fileobj is listener for key, _ in events):
+                    connection, _ = listener.accept()
+                else:
+                    break
+            if connection is not None:
+                with connection:
+                    selector.unregister(listener)
+                    selector.unregister(pidfd)
+                    selector.register(connection, selectors.EVENT_READ)
+                    while True:
+                        if not selector.select(deadline - time.monotonic()):
+                            return False
+                        data = connection.recv(1 << 16)
+                        if not data:  # QEMU closed the socket: it is exiting.
+                            break
+                        chunks.append(data)
+                        if sink is not None:
+                            sink.write(data)
+        if sink is not None:
+            sink.close()
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    finally:
+        os.close(pidfd)
+
+
+def _read_status(workdir: Path, process: subprocess.Popen[bytes], output: str) -> int:
+    share = workdir / "share"
+    try:
+        return int((share / "status").read_text().strip())
+    except (OSError, ValueError):
+        pass
+    error_file = share / "error"
+    if error_file.exists():
+        what = f"the outer VM's /init failed: {error_file.read_text().strip()}"
+    elif (share / "started").exists():
+        what = "the outer VM stopped while the command ran (a crash or out of memory?)"
+    else:
+        what = f"the outer VM stopped before running the command (QEMU exit {process.returncode})"
+    raise NestedError(what + _diagnostics(workdir), output=output)
+
+
+def _timeout_context(workdir: Path) -> str:
+    if (workdir / "share" / "started").exists():
+        return "; the command was still running: give it a longer timeout"
+    return "; it had not started the command (stuck while booting)" + _diagnostics(workdir)
+
+
+def _diagnostics(workdir: Path) -> str:
+    parts = []
+    for name, label in (("qemu.log", "QEMU said"), ("console.log", "console")):
+        try:
+            text = (workdir / name).read_text(errors="replace").strip()
+        except OSError:
+            continue
+        if text:
+            tail = "\n".join(text.splitlines()[-_CONSOLE_TAIL_LINES:])
+            parts.append(f"\n{label}:\n{tail}")
+    return "".join(parts)
+
+
+class _Streamer:
+    """Copies output to ``sys.stdout`` as text, decoding UTF-8 across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._broken = False
+
+    def write(self, data: bytes) -> None:
+        self._emit(self._decoder.decode(data))
+
+    def close(self) -> None:
+        self._emit(self._decoder.decode(b"", final=True))
+
+    def _emit(self, text: str) -> None:
+        if not text or self._broken:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            self._broken = True  # a closed stdout: keep collecting, stop copying
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill QEMU's whole process group (QEMU leads it) unless QEMU has been reaped already,
+    then reap it."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run through util-linux ``setpriv --pdeathsig KILL``, which sets
+    PR_SET_PDEATHSIG (prctl(2)) and execs it, so QEMU dies if this process is killed outright
+    (a pre-exec hook in Python would do the same, but is unsafe in a threaded caller)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return argv
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+
+
+@contextlib.contextmanager
+def _private_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="kasou-nested-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a run; raised to unwind through the clean-up code."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``_Terminated`` so ``finally`` clauses run; on the way
+    out the signal is handed to the handler that was there before (by default, this process
+    dies of SIGTERM as it would have). Only the main thread can set handlers (signal(2) in
+    Python's ``signal`` docs); elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # a handler set outside Python: restore the default instead
+        previous = signal.SIG_DFL
+    if previous == signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        if callable(previous):
+            previous(signal.SIGTERM, None)
+            raise NestedError("the run was stopped by SIGTERM") from None
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise NestedError("the run was stopped by SIGTERM") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

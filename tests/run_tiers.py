@@ -1,0 +1,132 @@
+"""Run every test tier this machine can run and print the count of each (``make test``).
+
+Tiers (shared/DESIGN.md, "Tests"):
+
+- static: ruff (lint and format), mypy --strict, import-linter layer contracts;
+- unit: no /dev/kvm needed;
+- kvm: the guest kit's tiny guests on this host's /dev/kvm (PVM is enough);
+- e2e: the default Linux guest, on hardware KVM directly, else inside the nested host.
+
+A tier that ran no test is reported as not run and fails the run (set KASOU_ALLOW_SKIP=1 to
+accept that on a machine that cannot run it), so a skipped tier cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv" / "bin"
+
+
+@dataclass
+class TierResult:
+    name: str
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def ran(self) -> int:
+        return self.passed + self.failed
+
+
+def _junit_counts(path: Path, result: TierResult) -> None:
+    if not path.exists():
+        return
+    root = ElementTree.parse(path).getroot()
+    for suite in root.iter("testsuite"):
+        tests = int(suite.get("tests", 0))
+        failures = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped = int(suite.get("skipped", 0))
+        result.failed += failures
+        result.skipped += skipped
+        result.passed += tests - failures - skipped
+
+
+def run_static() -> TierResult:
+    result = TierResult("static")
+    start = time.monotonic()
+    checks = [
+        [str(VENV / "ruff"), "check", "src", "tests", "bench"],
+        [str(VENV / "ruff"), "format", "--check", "src", "tests", "bench"],
+        [str(VENV / "mypy")],
+        [str(VENV / "lint-imports")],
+    ]
+    for command in checks:
+        print(f"\n$ {' '.join(Path(command[0]).name for _ in [0])} {' '.join(command[1:])}", flush=True)
+        if subprocess.run(command, cwd=ROOT).returncode == 0:
+            result.passed += 1
+        else:
+            result.failed += 1
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def run_pytest(name: str, paths: list[str], wrapper: list[str] | None = None) -> TierResult:
+    result = TierResult(name)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"kasou-{name}-") as scratch:
+        report = Path(scratch) / "junit.xml"
+        command = [str(VENV / "pytest"), "-q", *paths, f"--junitxml={report}"]
+        print(f"\n=== tier {name}: {' '.join(command[1:-1])}", flush=True)
+        if wrapper:
+            os.chmod(scratch, 0o777)
+            command = [*wrapper, "--share", scratch, "--", *command]
+        code = subprocess.run(command, cwd=ROOT).returncode
+        _junit_counts(report, result)
+        if code not in (0, 5) and result.failed == 0:
+            result.failed += 1
+            result.note = f"pytest exited {code}"
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "src"))
+    from kasou.kvm.host import probe_host
+
+    host = probe_host()
+    results = [run_static(), run_pytest("unit", ["tests/unit"])]
+    if host.problem is None:
+        results.append(run_pytest("kvm", ["tests/kvm"]))
+    else:
+        results.append(TierResult("kvm", note=f"not run: {host.problem}"))
+    if host.backend.boots_linux:
+        results.append(run_pytest("e2e", ["tests/e2e"]))
+    else:
+        results.append(
+            run_pytest("e2e", ["tests/e2e"], wrapper=[str(VENV / "kasou"), "nested"])
+        )
+        results[-1].note = results[-1].note or "inside the nested host"
+
+    allow_skip = os.environ.get("KASOU_ALLOW_SKIP") == "1"
+    print("\n tier     passed  failed  skipped  seconds  note")
+    for result in results:
+        note = result.note or ("" if result.ran else "NOT RUN")
+        print(
+            f" {result.name:<8} {result.passed:>6}  {result.failed:>6}  {result.skipped:>7}"
+            f"  {result.seconds:>7.1f}  {note}"
+        )
+    passed = sum(result.passed for result in results)
+    failed = sum(result.failed for result in results)
+    skipped = sum(result.skipped for result in results)
+    not_run = [result.name for result in results if result.ran == 0]
+    print(f"\n{passed} passed, {failed} failed, {skipped} skipped")
+    if not_run and not allow_skip:
+        print(f"tiers that ran nothing: {', '.join(not_run)} (a skipped tier has not passed)")
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
