@@ -175,17 +175,17 @@ class QemuGuest:
             if left <= 0:
                 raise QemuError(f"no {prefix!r} within {timeout} s; got {self.texts}")
             try:
-                line = self._lines.get(timeout=left)
+                got = self._lines.get(timeout=left)
             except queue.Empty:
                 continue
-            if line is None:
+            if got is None:
                 self._lines.put(None)
                 raise QemuError(
                     f"QEMU ended before {prefix!r}; got {self.texts}; stderr: {self.stderr}"
                 )
-            self.lines.append(line)
-            if line.text.startswith(prefix):
-                return line
+            self.lines.append(got)
+            if got.text.startswith(prefix):
+                return got
 
     def wait_exit(self, timeout: float = 60.0) -> QemuRun:
         """Waits for QEMU to end (the guest reset or shut down) and for all its output."""

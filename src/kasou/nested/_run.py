@@ -71,6 +71,15 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # not be what the caller sees.
 _MASKED = ("/tmp", "/run", "/proc", "/sys", "/dev")
 _CONSOLE_TAIL_LINES = 25
+# The outer kernel's command line (Documentation/admin-guide/kernel-parameters.txt).
+# panic=-1 reboots at once on a panic (init dying), which -no-reboot turns into QEMU's exit;
+# quiet keeps the console (a file) short. The rest make booting under TCG about 2 s faster
+# (6.4-7.0 s -> 4.4-5.0 s for run_nested(["true"]) here): mitigations=off skips speculation
+# workarounds, which this throwaway test VM does not need; tsc=reliable and no_timer_check
+# stop the kernel from doubting an emulated clock; audit=0, nowatchdog drop idle work.
+_KERNEL_ARGS = (
+    "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable no_timer_check audit=0 nowatchdog"
+)
 
 
 @dataclass(frozen=True)
@@ -139,9 +148,7 @@ def qemu_command(
         "-m", str(memory_mib),
         "-kernel", str(entry / KERNEL),
         "-initrd", str(entry / INITRAMFS),
-        # panic=-1 reboots at once on a panic (init dying), and -no-reboot turns that into
-        # QEMU's exit; quiet keeps the console (a file) short.
-        "-append", "console=ttyS0 panic=-1 quiet",
+        "-append", _KERNEL_ARGS,
         "-serial", f"file:{_opt(workdir / 'console.log')}",
         "-virtfs",
         f"local,path=/,mount_tag={HOST_ROOT_TAG},security_model=none,readonly=on,"
