@@ -124,6 +124,12 @@ class VmConfig:
 
 
 def _check_readable(name: str, path: Path) -> None:
+    try:
+        path.stat()
+    except PermissionError:
+        raise ConfigError(name, f"{path} is not reachable: check the permissions of its folders") from None
+    except OSError:
+        pass  # reported below, in words
     if not path.exists():
         raise ConfigError(name, f"{path} does not exist: give the path of a {name} image")
     if not path.is_file():

@@ -1,0 +1,215 @@
+"""``kasou run`` and the control commands as a user runs them: exit statuses, one-line
+errors for bad input, nothing left behind, the serial console both ways."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from kasou.guestkit import DONE_LINE, cmdline
+
+KASOU = str(Path(sys.executable).with_name("kasou"))
+
+
+def run(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [KASOU, *args], input=stdin, capture_output=True, timeout=timeout, check=False
+    )
+
+
+def test_a_guest_runs_to_its_end_and_kasou_exits_0(guest_elf: Path) -> None:
+    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
+                 "--cmdline", cmdline("hello"))
+    assert result.returncode == 0, result.stderr
+    assert b"hello from ring 3" in result.stdout
+
+
+def test_serial_input_reaches_the_guest(guest_elf: Path) -> None:
+    message = b"kasou serial input " * 8  # more than the UART's 64-byte FIFO
+    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
+                 "--cmdline", cmdline("echo", n=len(message)), stdin=message)
+    assert result.returncode == 0, result.stderr
+    assert message in result.stdout
+
+
+def test_a_triple_fault_exits_nonzero_with_a_report(guest_elf: Path) -> None:
+    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
+                 "--cmdline", cmdline("triple"))
+    assert result.returncode == 1
+    assert b"the guest crashed on vCPU 0: triple fault" in result.stderr
+    assert b"rip=" in result.stderr
+
+
+def test_console_to_a_file(guest_elf: Path, tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
+                 "--console", f"file:{log}", "--cmdline", cmdline("hello"))
+    assert result.returncode == 0
+    assert b"hello" not in result.stdout
+    assert "hello from ring 3" in log.read_text()
+
+
+def _error_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kasou: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def no_leftovers(tmp_path: Path) -> Path:
+    """An api socket path; the test checks nothing is left at it."""
+    return tmp_path / "vm.sock"
+
+
+def test_missing_kernel(no_leftovers: Path) -> None:
+    line = _error_line(run("run", "--kernel", "/nonexistent/vmlinux", "--api-sock", str(no_leftovers)))
+    assert "kernel: /nonexistent/vmlinux does not exist" in line
+    assert not no_leftovers.exists()
+
+
+def test_unreadable_kernel(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    kernel.chmod(0)
+    if os.access(kernel, os.R_OK):  # root reads anything: take away the file instead
+        kernel.unlink()
+        kernel.mkdir()
+        assert "is not a file" in _error_line(run("run", "--kernel", str(kernel)))
+    else:
+        assert "is not readable" in _error_line(run("run", "--kernel", str(kernel)))
+
+
+def test_a_file_that_is_no_kernel(tmp_path: Path, no_leftovers: Path) -> None:
+    kernel = tmp_path / "notes.txt"
+    kernel.write_text("not a kernel\n" * 100)
+    line = _error_line(run("run", "--kernel", str(kernel), "--api-sock", str(no_leftovers)))
+    assert "not a kernel" in line
+    assert not no_leftovers.exists()
+
+
+def test_a_kernel_that_does_not_fit_in_memory(guest_elf: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big-initrd"
+    with open(big, "wb") as handle:
+        handle.truncate(40 << 20)
+    line = _error_line(
+        run("run", "--kernel", str(guest_elf), "--initrd", str(big), "--memory", "32M")
+    )
+    assert "--memory" in line
+
+
+def test_memory_beyond_the_hosts(guest_elf: Path) -> None:
+    line = _error_line(run("run", "--kernel", str(guest_elf), "--memory", "64T"))
+    assert "memory:" in line and "more than this host has" in line
+
+
+def test_more_vcpus_than_kvm_allows(guest_elf: Path) -> None:
+    line = _error_line(run("run", "--kernel", str(guest_elf), "--vcpus", "100000"))
+    assert "vcpus:" in line
+
+
+def test_bad_memory_size(guest_elf: Path) -> None:
+    line = _error_line(run("run", "--kernel", str(guest_elf), "--memory", "lots"))
+    assert "memory:" in line and "512M" in line
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="hiding /dev/kvm in a mount namespace needs root")
+def test_no_dev_kvm(guest_elf: Path) -> None:
+    script = "mount -t tmpfs none /dev && touch /dev/null && exec " + " ".join(
+        [KASOU, "run", "--kernel", str(guest_elf)]
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True, timeout=60, check=False,
+    )
+    line = _error_line(result)
+    assert "/dev/kvm is missing" in line and "kvm_intel or kvm_amd" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+def test_no_permission_on_dev_kvm(guest_elf: Path) -> None:
+    with tempfile.TemporaryDirectory() as folder:  # under /tmp: reachable for nobody
+        kernel = Path(folder) / "guest.elf"
+        shutil.copy(guest_elf, kernel)
+        Path(folder).chmod(0o755)
+        kernel.chmod(0o644)
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "kasou", "run", "--kernel", str(kernel)],
+            capture_output=True, timeout=60, check=False,
+        )
+    line = _error_line(result)
+    assert "no permission to open /dev/kvm" in line
+
+
+def _wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the control socket did not appear"
+        time.sleep(0.01)
+
+
+def test_control_commands_drive_a_running_vm(guest_elf: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    process = subprocess.Popen(
+        [KASOU, "run", "--kernel", str(guest_elf), "--memory", "64M", "--console", "none",
+         "--cmdline", cmdline("counter"), "--api-sock", str(sock)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_socket(sock, process)
+        for command, state in (("status", "running"), ("pause", "paused"),
+                               ("status", "paused"), ("resume", "running")):
+            start = time.monotonic()
+            result = run(command, "--sock", str(sock))
+            assert time.monotonic() - start < 5
+            assert result.returncode == 0, result.stderr
+            assert f'"state": "{state}"' in result.stdout.decode()
+        refused = run("resume", "--sock", str(sock))
+        assert refused.returncode == 2
+        assert b"the VM is running, it must be paused" in refused.stderr
+        assert run("stop", "--sock", str(sock)).returncode == 0
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+    assert not sock.exists(), "the control socket was left behind"
+
+
+def test_on_reboot_restart_boots_the_guest_again(guest_elf: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    process = subprocess.Popen(
+        [KASOU, "run", "--kernel", str(guest_elf), "--memory", "64M", "--on-reboot", "restart",
+         "--cmdline", cmdline("reset"), "--api-sock", str(sock)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_socket(sock, process)
+        assert process.stdout is not None
+        seen = b""
+        while seen.count(b"resetting") < 3:
+            chunk = process.stdout.read1(4096)
+            assert chunk, (seen, process.stderr.read() if process.stderr else b"")
+            seen += chunk
+        assert run("stop", "--sock", str(sock)).returncode == 0
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_every_command_help_shows_an_example() -> None:
+    for command in ("run", "host", "status", "pause", "resume", "stop"):
+        result = run(command, "--help")
+        assert result.returncode == 0
+        assert b"Example" in result.stdout or b"example" in result.stdout, command
