@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ SOURCE_DIR = Path(__file__).with_name("src")
 _SOURCES = ("head.S", "kernel.c", "user.c", "lib.c")
 _LINKER_SCRIPT = "guest.ld"
 _SOURCE_SUFFIXES = frozenset({".c", ".S", ".h", ".ld"})
+_ABANDONED_AFTER_S = 3600
 
 # The guest's fixed guest-physical addresses (src/guest.h, kernel.c, user.c).
 LOAD_ADDR = 0x100000  # where the one loadable segment starts (1 MiB)
@@ -236,6 +238,7 @@ def build_guest(cache_dir: Path | None = None, *, source_dir: Path | None = None
         return elf
 
     root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(root)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         _compile(sources, staging / "guest.elf")
@@ -250,6 +253,17 @@ def build_guest(cache_dir: Path | None = None, *, source_dir: Path | None = None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return elf
+
+
+def _remove_abandoned_builds(root: Path) -> None:
+    """Removes staging folders a killed build left behind (older than any real build)."""
+    cutoff = time.time() - _ABANDONED_AFTER_S
+    for staging in root.glob(".build-*"):
+        try:
+            if staging.stat().st_mtime < cutoff:
+                shutil.rmtree(staging, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another process removed it first
 
 
 def _compile(source_dir: Path, output: Path) -> None:

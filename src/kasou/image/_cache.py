@@ -16,13 +16,12 @@ temporary directory and renames it into place as its last step.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# json, fcntl, shutil and tempfile are imported where used: finding the cache must stay cheap,
+# it is on the path of every `kasou` command that boots the default guest.
 
 __all__ = [
     "MANIFEST",
@@ -63,6 +62,8 @@ def log_dir() -> Path:
 
 def read_manifest(entry: Path) -> dict[str, str] | None:
     """The manifest of a complete cache entry, or None if ``entry`` is not one."""
+    import json
+
     try:
         data = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -75,6 +76,9 @@ def read_manifest(entry: Path) -> dict[str, str] | None:
 @contextlib.contextmanager
 def build_lock() -> Iterator[None]:
     """Serialise builds between processes (two `kasou` commands building at once)."""
+    import fcntl
+    import shutil
+
     root = guest_dir()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "lock", "a+b") as lock:
@@ -91,6 +95,9 @@ def build_lock() -> Iterator[None]:
 @contextlib.contextmanager
 def staging_dir(name: str) -> Iterator[Path]:
     """A fresh temporary directory in the cache, removed on the way out whatever happens."""
+    import shutil
+    import tempfile
+
     tmp = guest_dir() / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
@@ -104,6 +111,9 @@ def install(built: Path, kind: str, key: str, manifest: dict[str, str]) -> Path:
     """Move the finished build ``built`` (a directory inside a ``staging_dir``) to
     ``guest/<kind>/<key>`` and drop every other entry of that kind (they are stale). Returns the
     entry's path."""
+    import json
+    import shutil
+
     (built / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     parent = guest_dir() / kind
     parent.mkdir(parents=True, exist_ok=True)

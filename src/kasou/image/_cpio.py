@@ -8,7 +8,6 @@ mtimes, inode numbers in entry order, the gzip header's time zeroed.
 
 from __future__ import annotations
 
-import gzip
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -89,5 +88,7 @@ def _write_one(out: BinaryIO, ino: int, entry: Entry, mode: int) -> None:
 def write_cpio_gz(entries: Iterable[Entry], out: BinaryIO) -> None:
     """``write_cpio`` through gzip (the kernel's RD_GZIP), with no name or time in the gzip
     header so the same entries always give the same bytes."""
+    import gzip
+
     with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=9, mtime=0) as gz:
         write_cpio(entries, gz)  # type: ignore[arg-type]

@@ -114,25 +114,41 @@ def _entry(path: Path) -> Kernel:
     return Kernel(vmlinux=path / "vmlinux", bzimage=path / "bzImage")
 
 
+def _tarball_identity() -> str | None:
+    """The source tarball's size and mtime: a new package version brings a new file."""
+    try:
+        st = SOURCE_TARBALL.stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def find_kernel() -> tuple[Kernel | None, str]:
     """The cached kernel for the current fragment and source package, or None with the reason
-    ("not built", "out of date"). Without the source package installed, a kernel built from
-    the same fragment is taken whatever the source version was."""
-    fragment = FRAGMENT.read_bytes()
-    version = package_version(SOURCE_PACKAGE)
-    parent = _cache.guest_dir() / "kernel"
-    if version is not None:
-        entry = parent / _key(fragment, version)
-        if _cache.read_manifest(entry) is not None:
+    ("not built", "out of date"). dpkg is asked for the package's version only when the source
+    tarball is not the file the kernel was built from (a stat is cheaper than dpkg-query, and
+    this runs whenever the default guest boots). Without the tarball, a kernel built from the
+    same fragment is taken whatever the source version was."""
+    sha = _fragment_sha(FRAGMENT.read_bytes())
+    try:
+        entries = sorted((_cache.guest_dir() / "kernel").iterdir())
+    except OSError:
+        return None, "not built"
+    identity = _tarball_identity()
+    version: str | None = None
+    for entry in entries:
+        manifest = _cache.read_manifest(entry)
+        if manifest is None or manifest.get("fragment_sha256") != sha:
+            continue
+        if manifest.get("recipe") != _RECIPE:
+            continue
+        if identity is None or manifest.get("source_tarball") == identity:
             return _entry(entry), ""
-    elif parent.is_dir():
-        sha = _fragment_sha(fragment)
-        for entry in sorted(parent.iterdir()):
-            manifest = _cache.read_manifest(entry)
-            if manifest is not None and manifest.get("fragment_sha256") == sha:
-                return _entry(entry), ""
-    stale = parent.is_dir() and any(parent.iterdir())
-    return None, "out of date" if stale else "not built"
+        if version is None:
+            version = package_version(SOURCE_PACKAGE) or ""
+        if manifest.get("source_version") == version:
+            return _entry(entry), ""
+    return None, "out of date" if entries else "not built"
 
 
 def build_kernel(progress: Progress) -> Kernel:
@@ -203,6 +219,7 @@ def build_kernel(progress: Progress) -> Kernel:
             "fragment_sha256": _fragment_sha(fragment_bytes),
             "source_package": SOURCE_PACKAGE,
             "source_version": version,
+            "source_tarball": _tarball_identity() or "",
             "build_seconds": f"{time.monotonic() - started:.0f}",
         }
         entry = _cache.install(out, "kernel", key, manifest)

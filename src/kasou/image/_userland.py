@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +72,7 @@ _INITRAMFS_NODES = (
 )
 
 # A fixed file system UUID, so that the root disk is the same from build to build.
-_ROOTFS_UUID = uuid.UUID("6b617361-6f75-4b61-8000-726f6f746673")
+_ROOTFS_UUID = "6b617361-6f75-4b61-8000-726f6f746673"
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ def make_ext4(entries: list[Entry], image: Path, staging: Path, log: Path) -> No
             "-L",
             "kasou-root",
             "-U",
-            str(_ROOTFS_UUID),
+            _ROOTFS_UUID,
             "-E",
             f"root_owner=0:0,hash_seed={_ROOTFS_UUID}",
             "-d",

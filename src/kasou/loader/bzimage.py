@@ -20,7 +20,6 @@ from kasou.loader.bootparams import (
     XLF_KERNEL_64,
     SetupHeader,
 )
-from kasou.loader.decompress import decompress
 from kasou.loader.elf import BOOT_AREA_END, is_elf
 from kasou.memory import GuestMemory
 
@@ -174,6 +173,10 @@ def extract_vmlinux(bzimage: bytes | memoryview, name: str = "bzImage") -> bytes
     if image.payload_length < 8 or image.payload_offset + image.payload_length > image.kernel_size:
         raise ImageError(f"{name}: its payload lies outside the image: the file is damaged")
     payload = memoryview(bzimage)[start : start + image.payload_length]
+    # Imported here: the decompressors (zstandard, lz4, lzma, ...) cost start time that only
+    # this path needs.
+    from kasou.loader.decompress import decompress
+
     vmlinux = decompress(payload)
     expected = int.from_bytes(payload[-4:], "little")
     if len(vmlinux) & 0xFFFF_FFFF != expected:

@@ -16,15 +16,18 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from kasou.event import EventLoop
 from kasou.vmm.builder import build_vm
 from kasou.vmm.config import VmConfig
 from kasou.vmm.console import Console
-from kasou.vmm.control import ControlServer
 from kasou.vmm.requests import Reply, Request, RequestKind
 from kasou.vmm.vcpu import ExitKind, GuestExit, install_kick_handler
 from kasou.vmm.vm import Vm
+
+if TYPE_CHECKING:
+    from kasou.vmm.control import ControlServer
 
 __all__ = ["run"]
 
@@ -80,6 +83,8 @@ def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> Gue
     try:
         loop.start()
         if config.api_sock is not None:
+            from kasou.vmm.control import ControlServer  # json and sockets: only when asked
+
             server = ControlServer(config.api_sock, loop, session.handle)
         while True:
             vm = build_vm(config, console_output=console.write)

@@ -17,10 +17,13 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
 import queue
 import signal
 import struct
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -220,6 +223,9 @@ class Vcpu:
         exit_io, exit_mmio = b.KVM_EXIT_IO, b.KVM_EXIT_MMIO
         union = b.RUN_UNION
         exits = 0
+        if self.index == 0 and os.environ.get("KASOU_TRACE_START"):
+            # For bench/start.py: when the boot vCPU enters the guest, on CLOCK_MONOTONIC.
+            sys.stderr.write(f"kasou: first KVM_RUN at {time.monotonic_ns()}\n")
         try:
             while True:
                 result = run(fd, request)

@@ -22,14 +22,16 @@ never fire), the divider chain and the square-wave output, daylight saving (B bi
 
 from __future__ import annotations
 
-import calendar
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from typing import TYPE_CHECKING
 
 from kasou.devices import DeviceStateError
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __all__ = ["CMOS_SIZE", "Rtc", "RtcState"]
 
@@ -264,6 +266,8 @@ class Rtc:
             moment = self._decode(registers)
         except ValueError:
             return
+        import calendar  # the guest setting the clock is rare: keep it off start-up
+
         self._offset = calendar.timegm(moment.timetuple()) - math.floor(self._clock())
 
     def _decode(self, registers: bytearray) -> datetime:
@@ -280,6 +284,8 @@ class Rtc:
         century = _decode(registers[_CLOCK_SLOTS[_CENTURY]], binary)
         if year > 99 or century > 99:
             raise ValueError(f"year {year} or century {century} over 99")
+        from datetime import datetime
+
         # datetime checks every field, the day against the month's length included.
         return datetime(
             century * 100 + year,

@@ -637,9 +637,11 @@ volatile uint64_t irq_ticks;
 volatile uint64_t irq_ticks_ring3;
 volatile uint64_t uart_irqs;
 
+/* SDM vol. 3A 6.3.1, table 6-1. */
 static const char *const exception_names[32] = {
-	"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF?", "#TS",
-	"#NP", "#SS", "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+	"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "coprocessor overrun",
+	"#TS", "#NP", "#SS", "#GP", "#PF", "reserved 15", "#MF", "#AC", "#MC", "#XM", "#VE",
+	"#CP",
 };
 
 static bool is_ud2(uint64_t rip)
@@ -722,6 +724,7 @@ static void uart_interrupt(void)
 void trap(struct trapframe *tf)
 {
 	bool from_user = (tf->cs & 3) == 3;
+	const char *what = "exception";
 	uint64_t cr2;
 
 	switch (tf->vector) {
@@ -750,9 +753,11 @@ void trap(struct trapframe *tf)
 		break;
 	}
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
-	fail("%s vector %lu in ring %lu at rip=0x%lx err=0x%lx cr2=0x%lx rsp=0x%lx",
-	     tf->vector < 32 && exception_names[tf->vector] ? exception_names[tf->vector]
-							     : "interrupt",
+	if (tf->vector >= 32)
+		what = "interrupt";
+	else if (exception_names[tf->vector])
+		what = exception_names[tf->vector];
+	fail("%s vector %lu in ring %lu at rip=0x%lx err=0x%lx cr2=0x%lx rsp=0x%lx", what,
 	     tf->vector, tf->cs & 3, tf->rip, tf->error, cr2, tf->rsp);
 }
 

@@ -8,9 +8,9 @@ deadline.
 
 As a script it boots one workload and prints what the guest printed, with times::
 
-    python tests/guestkit_qemu/qemu_peer.py hello
-    python tests/guestkit_qemu/qemu_peer.py pio count=1000000 --kvm
-    python tests/guestkit_qemu/qemu_peer.py --bench-pio 1000000 --kvm   # µs per exit
+    python bench/qemu_peer.py hello
+    python bench/qemu_peer.py pio count=1000000 --kvm
+    python bench/qemu_peer.py --bench-pio 1000000 --kvm   # µs per exit
 
 The per-exit figure is the time from the guest's boot line to its ``count=`` line, less the
 same interval of a ``count=0`` run, over the count.

@@ -1,0 +1,161 @@
+"""``make bench``: kasou's figures beside QEMU's on the same host and the same guest.
+
+Each figure is the median of repeated runs. Every ratio printed is kasou's figure over
+QEMU's (for times and memory, below 1 means kasou is better). Benchmarks are measurements,
+never test assertions.
+
+Sections (issue: core VMM):
+- exit round trip: a ring-0 loop of N `out` to port 0x80 (PIO) or N 32-bit writes to an
+  unclaimed MMIO address (0xd0000000), timed from the guest's boot line to its `count=` line
+  on COM1, less a count=0 run, over N; both VMMs boot the guest kit's same ELF (kasou by the
+  64-bit Linux boot protocol, QEMU as Multiboot);
+- start: `kasou run` process exec to the boot vCPU's first KVM_RUN (CLOCK_MONOTONIC, stamped
+  by kasou when KASOU_TRACE_START is set);
+- memory: resident memory of the VMM process outside guest RAM (mappings at least as large as
+  the guest's memory), with a 512 MiB guest that has booted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kasou_peer  # noqa: E402
+import qemu_peer  # noqa: E402
+
+from kasou.guestkit import build_guest  # noqa: E402
+
+
+def median_of(repeats: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
+    samples = [measure() for _ in range(repeats)]
+    return statistics.median(samples), samples
+
+
+def qemu_exit_seconds(elf: Path, workload: str, count: int) -> float:
+    def interval(n: int) -> float:
+        run = qemu_peer.run_guest(elf, f"kasou.test={workload} count={n}", kvm=True, timeout=600)
+        return run.first("count=").at - run.first("kasou-guest: boot=").at
+
+    return (interval(count) - interval(0)) / count
+
+
+def bench_exits(elf: Path, count: int, repeats: int, with_qemu: bool) -> None:
+    print(f"\n## exit round trip (ring-0 loop of {count} exits, median of {repeats} runs)")
+    print("   definition: (time from boot line to count= line) - (same with count=0), / count")
+    print(f"   {'exit':<6} {'kasou µs':>9} {'kasou exits/s':>14} {'QEMU µs':>9} "
+          f"{'QEMU exits/s':>13} {'kasou/QEMU time':>16}")
+    for workload in ("pio", "mmio"):
+        kasou, _ = median_of(repeats, lambda: kasou_peer.exit_seconds(elf, workload, count))
+        if with_qemu:
+            qemu, _ = median_of(repeats, lambda: qemu_exit_seconds(elf, workload, count))
+            peer = f"{qemu * 1e6:>9.2f} {1 / qemu:>13,.0f} {kasou / qemu:>15.2f}x"
+        else:
+            peer = f"{'-':>9} {'-':>13} {'(no QEMU)':>16}"
+        print(f"   {workload:<6} {kasou * 1e6:>9.2f} {1 / kasou:>14,.0f} {peer}")
+
+
+def start_seconds(elf: Path) -> float:
+    start = time.monotonic_ns()
+    run = kasou_peer.run_guest(elf, "kasou.test=hello", env={"KASOU_TRACE_START": "1"})
+    for line in run.stderr.splitlines():
+        if line.startswith("kasou: first KVM_RUN at "):
+            return (int(line.rsplit(" ", 1)[1]) - start) / 1e9
+    raise RuntimeError(f"kasou printed no start mark: {run.stderr}")
+
+
+def python_seconds() -> float:
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.monotonic() - start
+
+
+def bench_start(elf: Path, repeats: int) -> None:
+    print(f"\n## start (median of {repeats} runs; target: 60 ms or less)")
+    print("   definition: exec of `kasou run` to the boot vCPU's first KVM_RUN")
+    start, samples = median_of(repeats, lambda: start_seconds(elf))
+    bare, _ = median_of(repeats, python_seconds)
+    print(f"   kasou: {start * 1e3:.1f} ms (min {min(samples) * 1e3:.1f}, max "
+          f"{max(samples) * 1e3:.1f}); for scale, `python -c pass` takes {bare * 1e3:.1f} ms")
+
+
+def rss_outside_guest(pid: int, guest_bytes: int) -> int:
+    total, skip = 0, False
+    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                low, high = (int(part, 16) for part in first.split("-"))
+                skip = high - low >= guest_bytes
+            elif first == "Rss:" and not skip:
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def measure_rss(command: list[str], guest_bytes: int, ready: bytes) -> int:
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert process.stdout is not None
+        seen = b""
+        while ready not in seen:
+            chunk = process.stdout.read1(4096)
+            if not chunk:
+                raise RuntimeError(f"{command[0]} ended before the guest printed {ready!r}")
+            seen += chunk
+        return rss_outside_guest(process.pid, guest_bytes)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+
+def bench_memory(elf: Path, repeats: int, with_qemu: bool) -> None:
+    guest = 512 << 20
+    print(f"\n## memory (512 MiB guest, booted; median of {repeats}; target: kasou 40 MiB or less)")
+    print("   definition: VmRSS of the VMM process minus the resident part of guest RAM")
+    kasou_cmd = [kasou_peer.KASOU, "run", "--kernel", str(elf), "--memory", "512M",
+                 "--cmdline", "kasou.test=counter"]
+    kasou, _ = median_of(repeats, lambda: measure_rss(kasou_cmd, guest, b"counter_addr="))
+    line = f"   kasou: {kasou / 2**20:.1f} MiB"
+    if with_qemu:
+        qemu_cmd = qemu_peer.qemu_command(elf, "kasou.test=counter", kvm=True, memory_mib=512)
+        qemu, _ = median_of(repeats, lambda: measure_rss(qemu_cmd, guest, b"counter_addr="))
+        line += f"   QEMU: {qemu / 2**20:.1f} MiB   kasou/QEMU: {kasou / qemu:.2f}x (lower is less)"
+    print(line)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=200_000, help="exits per loop")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=("exits", "start", "memory"), action="append")
+    args = parser.parse_args()
+    with_qemu = shutil.which(qemu_peer.QEMU) is not None and qemu_peer.kvm_usable()
+    if not with_qemu:
+        print("QEMU with KVM is not available here: kasou's figures only")
+    elf = build_guest()
+    print(f"host: {os.uname().release}, /dev/kvm backend: ", end="")
+    from kasou.kvm.host import probe_host
+
+    print(probe_host().backend.value)
+    sections = args.only or ["exits", "start", "memory"]
+    if "exits" in sections:
+        bench_exits(elf, args.count, args.repeats, with_qemu)
+    if "start" in sections:
+        bench_start(elf, max(args.repeats, 10))
+    if "memory" in sections:
+        bench_memory(elf, args.repeats, with_qemu)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
