@@ -112,7 +112,7 @@ def vm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Console, Agent
         "-accel", ACCEL,
         *(["-cpu", "host"] if ACCEL == "kvm" else []),
         "-smp", "2",
-        "-M", "microvm",
+        "-M", "microvm,rtc=on",  # QEMU leaves the CMOS RTC out under KVM by default
         "-m", "256",
         "-display", "none",
         "-monitor", "none",
