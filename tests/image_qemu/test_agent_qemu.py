@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kasou.image import ImageBuildError, default_guest
-from kasou.image import agent_protocol as ap
+from kasou.agent import protocol as ap
 
 QEMU = shutil.which("qemu-system-x86_64")
 ACCEL = os.environ.get("KASOU_QEMU_ACCEL", "tcg")

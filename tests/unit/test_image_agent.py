@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kasou.image import agent_protocol as ap
+from kasou.agent import protocol as ap
 from kasou.image._userland import AGENT_SOURCE
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")

@@ -28,16 +28,19 @@ def _fail(error: Exception) -> None:
 
 @app.command(epilog=f"Example: {RUN_EXAMPLE}")
 def run(
-    kernel: Annotated[Optional[Path], typer.Option(help="Linux kernel to boot: a vmlinux (ELF) or a bzImage.")] = None,  # noqa: UP045
+    kernel: Annotated[Optional[Path], typer.Option(help="Linux kernel: a vmlinux (ELF) or a bzImage. Default: the default guest.")] = None,  # noqa: UP045
     initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk (cpio, optionally compressed).")] = None,  # noqa: UP045
-    cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = "console=ttyS0 reboot=k panic=-1",
+    cmdline: Annotated[Optional[str], typer.Option(help="Kernel command line. Default: console=ttyS0 reboot=k panic=-1")] = None,  # noqa: UP045
     vcpus: Annotated[int, typer.Option(help="Number of virtual CPUs.")] = 1,
     memory: Annotated[str, typer.Option(help="Guest RAM, like 512M or 2G.")] = "512M",
     console: Annotated[str, typer.Option(help="Where COM1 goes: stdio, file:PATH or none.")] = "stdio",
     api_sock: Annotated[Optional[Path], typer.Option(help="Serve the control socket (status, pause, resume, stop) here.")] = None,  # noqa: UP045
     on_reboot: Annotated[str, typer.Option(help="What a guest reboot does: exit kasou, or restart the guest.")] = "exit",
 ) -> None:
-    """Boot a guest and attach its serial console (Ctrl-A X quits)."""
+    """Boot a guest and attach its serial console (Ctrl-A X quits).
+
+    Without --kernel, boots kasou's default guest (built on first use) with a shell on the
+    console."""
     from kasou.cli.fastrun import run_vm
 
     status = run_vm(
@@ -123,3 +126,79 @@ def resume(sock: SockOption) -> None:
 def stop(sock: SockOption) -> None:
     """Stop a VM; `kasou run` then exits with status 0."""
     _request(sock, "stop")
+
+
+@app.command(
+    "exec",
+    epilog="Example: kasou exec --sock /tmp/vm.sock -- uname -a",
+    context_settings={"allow_interspersed_args": False},
+)
+def exec_(
+    sock: SockOption,
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments.")],
+    timeout: Annotated[float, typer.Option(help="Seconds the command may run.")] = 60.0,
+) -> None:
+    """Run a command in the guest through its agent; exit with the command's status."""
+    import sys
+
+    from kasou.client import ControlClient
+    from kasou.errors import KasouError
+
+    stdin = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    try:
+        with ControlClient(sock) as client:
+            result = client.execute(command, stdin=stdin, timeout=timeout)
+    except KasouError as error:
+        _fail(error)
+    sys.stdout.write(result["stdout"])
+    sys.stderr.write(result["stderr"])
+    raise typer.Exit(int(result["status"]))
+
+
+image_app = typer.Typer(help="The default guest image.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+@image_app.command("build", epilog="Example: kasou image build")
+def image_build(
+    force: Annotated[bool, typer.Option(help="Rebuild even what is cached.")] = False,
+) -> None:
+    """Build (or find cached) the default guest: kernel, initramfs, root disk."""
+    from kasou import image
+    from kasou.cli.progress import BuildProgress
+    from kasou.errors import KasouError
+
+    try:
+        with BuildProgress() as progress:
+            guest = image.build(force=force, progress=progress)
+    except KasouError as error:
+        _fail(error)
+    for name in ("kernel", "bzimage", "initrd", "rootfs"):
+        typer.echo(f"{name:<8} {getattr(guest, name)}")
+    typer.echo(f"cmdline  {guest.cmdline}")
+
+
+@app.command(
+    epilog="Example: kasou nested -- ls -l /dev/kvm",
+    context_settings={"allow_interspersed_args": False},
+)
+def nested(
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments.")],
+    timeout: Annotated[float, typer.Option(help="Seconds before the outer VM is killed.")] = 1800.0,
+    share: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="A host folder the command may write to (same path inside)."),
+    ] = None,
+) -> None:
+    """Run a command with a real /dev/kvm inside a nested host (QEMU TCG with AMD-V).
+
+    This host's root is mounted read-only inside with a writable overlay on top that is
+    thrown away; --share gives writable access to a host folder."""
+    from kasou.errors import KasouError
+    from kasou.nested import run_nested
+
+    try:
+        result = run_nested(command, cwd=Path.cwd(), timeout=timeout, shares=share or ())
+    except KasouError as error:
+        _fail(error)
+    raise typer.Exit(result.status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from kasou.cli.options import RUN_EXAMPLE, RUN_OPTIONS
 from kasou.errors import KasouError
@@ -27,6 +28,21 @@ def parser() -> argparse.ArgumentParser:
     return parse
 
 
+def default_guest() -> Any:
+    """The default guest, built first (with a progress display) if it is not cached."""
+    from kasou import image
+
+    try:
+        return image.default_guest(build=False)
+    except image.ImageBuildError:
+        pass
+    from kasou.cli.progress import BuildProgress
+
+    sys.stderr.write("kasou: building the default guest (once; it is cached)\n")
+    with BuildProgress() as progress:
+        return image.default_guest(build=True, progress=progress)
+
+
 def run_command(args: list[str]) -> int:
     options = vars(parser().parse_args(args))
     return run_vm(options)
@@ -35,20 +51,20 @@ def run_command(args: list[str]) -> int:
 def run_vm(options: dict[str, object]) -> int:
     """Build the config from parsed options, run the VM, map its end to an exit status."""
     try:
-        from kasou.vmm.config import VmConfig
+        from kasou.vmm.config import DEFAULT_CMDLINE, VmConfig
 
-        if not options.get("kernel"):
-            raise KasouError(
-                "no kernel given: pass --kernel PATH (the default guest comes with "
-                "`kasou image build`)"
-            )
+        kernel, initrd, cmdline = options.get("kernel"), options.get("initrd"), options["cmdline"]
+        if not kernel:
+            guest = default_guest()
+            kernel, initrd = guest.kernel, initrd or guest.initrd
+            cmdline = cmdline or guest.cmdline
         api_sock = options.get("api_sock")
         config = VmConfig.from_options(
-            kernel=str(options["kernel"]),
-            initrd=options.get("initrd"),  # type: ignore[arg-type]
+            kernel=str(kernel),
+            initrd=initrd,  # type: ignore[arg-type]
             memory=options["memory"],  # type: ignore[arg-type]
             console=str(options["console"]),
-            cmdline=options["cmdline"],
+            cmdline=cmdline or DEFAULT_CMDLINE,
             vcpus=options["vcpus"],
             api_sock=Path(str(api_sock)) if api_sock else None,
             on_reboot=options["on_reboot"],

@@ -17,9 +17,9 @@ class RunOption:
 
 
 RUN_OPTIONS = (
-    RunOption("kernel", "Linux kernel to boot: a vmlinux (ELF) or a bzImage."),
+    RunOption("kernel", "Linux kernel: a vmlinux (ELF) or a bzImage. Default: the default guest."),
     RunOption("initrd", "Initial ramdisk (cpio, optionally compressed)."),
-    RunOption("cmdline", "Kernel command line.", "console=ttyS0 reboot=k panic=-1"),
+    RunOption("cmdline", "Kernel command line. Default: console=ttyS0 reboot=k panic=-1"),
     RunOption("vcpus", "Number of virtual CPUs.", 1, int),
     RunOption("memory", "Guest RAM, like 512M or 2G.", "512M"),
     RunOption("console", "Where COM1 goes: stdio, file:PATH or none.", "stdio"),

@@ -39,9 +39,9 @@ class ControlClient:
             raise HostError(f"cannot connect to {path}: {error.strerror}") from error
         self._reader = self._socket.makefile("rb")
 
-    def request(self, name: str) -> dict[str, Any]:
-        """Send ``{"request": name}``; return the result or raise the VM's error."""
-        self._socket.sendall(json.dumps({"request": name}).encode() + b"\n")
+    def request(self, name: str, **arguments: Any) -> dict[str, Any]:
+        """Send ``{"request": name, **arguments}``; return the result or raise the VM's error."""
+        self._socket.sendall(json.dumps({"request": name, **arguments}).encode() + b"\n")
         line = self._reader.readline()
         if not line:
             raise HostError(f"{self.path}: the VM closed the connection")
@@ -54,6 +54,13 @@ class ControlClient:
         if type_name == "LifecycleError":
             raise RemoteLifecycleError(message)
         raise RemoteError(type_name, message)
+
+    def execute(
+        self, argv: list[str], stdin: str = "", timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Run ``argv`` in the guest through its agent: ``{"status", "stdout", "stderr"}``."""
+        self._socket.settimeout(timeout + 15)
+        return self.request("exec", argv=argv, stdin=stdin, timeout=timeout)
 
     def close(self) -> None:
         self._reader.close()

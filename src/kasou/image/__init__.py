@@ -4,7 +4,7 @@ What it is: a kernel from ``linux-source-6.1`` configured by ``kernel.config`` (
 built in, no modules, no PCI, no ACPI), an initramfs of busybox plus kasou's guest agent, and
 an ext4 root disk with the same user space. ``default_guest()`` returns the cached paths,
 building what is missing or out of date; ``build()`` rebuilds on demand (``kasou image
-build``). The host side of the agent's protocol is in ``kasou.image.agent_protocol``.
+build``). The host side of the agent's protocol is in ``kasou.agent.protocol``.
 
 This package builds files; it does not boot them (``kasou.loader`` and ``kasou.vmm`` do) and
 does not draw progress (front ends pass a ``Progress``).
@@ -12,7 +12,7 @@ does not draw progress (front ends pass a ``Progress``).
 Booting the guest: ``DefaultGuest.cmdline`` is for the kernel with the initramfs. To boot the
 root disk instead, give it as the first virtio-blk disk with ``root=/dev/vda rw`` added (and no
 initrd). Either way busybox init starts the agent on COM2 and a root shell on COM1; ``poweroff``
-in the guest writes kasou's power-off register (``agent_protocol.POWEROFF_PORT``), ``reboot``
+in the guest writes kasou's power-off register (``kasou.agent.protocol.POWEROFF_PORT``), ``reboot``
 resets through the i8042.
 """
 

@@ -1,4 +1,4 @@
-"""kasou's cache directory, and building an entry in it so that no one sees it half-built.
+"""Building a cache entry so that no one sees it half-built.
 
 An entry ``<cache>/nested/<key>`` is built in a sibling temporary directory named
 ``.tmp-<key>-<random>`` and renamed into place when complete; rename(2) within one file system
@@ -19,21 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cache_root", "ensure_entry"]
+__all__ = ["ensure_entry"]
 
 _TEMP_PREFIX = ".tmp-"
 _STALE_SECONDS = 24 * 3600
-
-
-def cache_root() -> Path:
-    """$KASOU_CACHE_DIR, else $XDG_CACHE_HOME/kasou, else ~/.cache/kasou."""
-    explicit = os.environ.get("KASOU_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg) / "kasou"
-    return Path.home() / ".cache" / "kasou"
 
 
 def ensure_entry(parent: Path, key: str, build: Callable[[Path], None]) -> Path:

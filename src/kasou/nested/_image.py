@@ -18,13 +18,13 @@ init script, the module list, this layout's version), so finding an entry needs 
 (apt-cache takes about a second per call here). The kernel is the one Debian offered when the
 entry was built; delete the entry to pick up a newer one.
 
-What /init does is drawn in ``_INIT``. This module does not start QEMU or pass commands
-(``_run`` and ``_command``).
+What /init does is drawn in ``_INIT``. The archive is written by kasou.image's newc writer
+and the cache lives beside the default guest's (kasou.image's ``cache_dir``). This module
+does not start QEMU or pass commands (``_run`` and ``_command``).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -35,9 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import NoteSegment
 
-from kasou.nested._cache import cache_root, ensure_entry
-from kasou.nested._cpio import CpioWriter
+from kasou.image._cache import cache_dir
+from kasou.image._cpio import Entry, write_cpio_gz
+from kasou.nested._cache import ensure_entry
 from kasou.nested._errors import NestedError
 from kasou.nested._modules import ModuleError, module_bytes, resolve_modules
 
@@ -51,6 +53,7 @@ __all__ = [
     "build_initramfs",
     "cache_entry_if_built",
     "find_busybox",
+    "init_script",
     "prepare",
 ]
 
@@ -203,20 +206,21 @@ def _is_static(path: Path) -> bool:
 def build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
     """The gzip-compressed newc initramfs holding busybox, ``modules`` (name, uncompressed
     image; loaded in this order) and /init."""
-    raw = io.BytesIO()
-    cpio = CpioWriter(raw)
-    for directory in ("bin", "dev", "proc", "sys", "lib", "lib/modules"):
-        cpio.directory(directory)
-    # The kernel opens /dev/console for init's stdin, stdout and stderr before devtmpfs is
-    # mounted (init/main.c, console_on_rootfs): ship the node, char 5:1 (devices.txt).
-    cpio.char_device("dev/console", 5, 1)
-    cpio.file("bin/busybox", busybox, mode=0o755)
-    cpio.symlink("bin/sh", "busybox")
-    for name, image in modules:
-        cpio.file(f"lib/modules/{name}.ko", image)
-    cpio.file("init", init_script([name for name, _ in modules]).encode(), mode=0o755)
-    cpio.finish()
-    return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+    entries = [Entry(name, "dir", 0o755) for name in ("bin", "dev", "proc", "sys", "lib")]
+    entries += [
+        Entry("lib/modules", "dir", 0o755),
+        # The kernel opens /dev/console for init's stdin, stdout and stderr before devtmpfs
+        # is mounted (init/main.c, console_on_rootfs): ship the node, char 5:1 (devices.txt).
+        Entry("dev/console", "chardev", 0o600, rdev=(5, 1)),
+        Entry("bin/busybox", "file", 0o755, busybox),
+        Entry("bin/sh", "symlink", 0o777, b"busybox"),
+    ]
+    entries += [Entry(f"lib/modules/{name}.ko", "file", 0o644, image) for name, image in modules]
+    script = init_script([name for name, _ in modules]).encode()
+    entries.append(Entry("init", "file", 0o755, script))
+    out = io.BytesIO()
+    write_cpio_gz(entries, out)
+    return out.getvalue()
 
 
 def _cache_key(busybox: bytes) -> str:
@@ -228,7 +232,7 @@ def _cache_key(busybox: bytes) -> str:
 
 
 def _nested_cache() -> Path:
-    return cache_root() / "nested"
+    return cache_dir() / "nested"
 
 
 def cache_entry_if_built() -> Path | None:
@@ -316,7 +320,7 @@ def _has_pvh_entry(vmlinux: bytes) -> bool:
     ABI, Xen's docs/misc/pvh.pandoc)."""
     elf = ELFFile(io.BytesIO(vmlinux))
     for segment in elf.iter_segments():
-        if segment["p_type"] != "PT_NOTE":
+        if not isinstance(segment, NoteSegment):
             continue
         for note in segment.iter_notes():
             if note["n_name"] == "Xen" and note["n_type"] in (18, "NT_XEN_PHYS32_ENTRY"):

@@ -14,6 +14,7 @@ import ctypes
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from kasou.arch.x86_64 import cpuid as arch_cpuid
 from kasou.arch.x86_64 import gdt, layout, mptable, msrs, paging
@@ -33,7 +34,7 @@ from kasou.vmm.config import VmConfig
 from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
 from kasou.vmm.vm import Vm
 
-__all__ = ["COM1", "COM2", "ExtraDevice", "EventfdTrigger", "build_vm"]
+__all__ = ["COM1", "COM2", "AgentLine", "EventfdTrigger", "ExtraDevice", "build_vm"]
 
 COM1 = (0x3F8, 4)  # (port, ISA IRQ)
 COM2 = (0x2F8, 3)
@@ -73,16 +74,24 @@ class EventfdTrigger:
         os.close(self.fd)
 
 
+class AgentLine(Protocol):
+    """The host end of COM2, the guest agent's line (``vmm/agent.py``)."""
+
+    def output(self, data: bytes) -> None: ...
+
+    def input_ready(self) -> None: ...
+
+
 def build_vm(
     config: VmConfig,
     *,
     console_output: Callable[[bytes], None],
-    agent_output: Callable[[bytes], None] | None = None,
+    agent: AgentLine | None = None,
     extra_devices: Sequence[ExtraDevice] = (),
     kvm_path: str = "/dev/kvm",
 ) -> Vm:
     """Build the VM ``config`` describes. COM1 writes go to ``console_output``; COM2 (the
-    guest agent's line) to ``agent_output`` when given."""
+    guest agent's line) is wired to ``agent`` when given."""
     with contextlib.ExitStack() as cleanup:
         kvm = Kvm(kvm_path)
         cleanup.callback(kvm.close)
@@ -111,7 +120,7 @@ def build_vm(
 
     # From here on the VM owns the cleanup stack: a failure closes the VM.
     try:
-        _wire_devices(vm, console_output, agent_output, extra_devices)
+        _wire_devices(vm, console_output, agent, extra_devices)
         _create_vcpus(vm, entry)
     except BaseException:
         vm.close()
@@ -144,7 +153,7 @@ def _load_guest(config: VmConfig, memory: GuestMemory) -> int:
 def _wire_devices(
     vm: Vm,
     console_output: Callable[[bytes], None],
-    agent_output: Callable[[bytes], None] | None,
+    agent: AgentLine | None,
     extra_devices: Sequence[ExtraDevice],
 ) -> None:
     triggers: list[EventfdTrigger] = []
@@ -163,10 +172,10 @@ def _wire_devices(
     serial = Serial(line(COM1[1]), console_output)
     vm.pio.insert(serial, COM1[0], 8)
     vm.devices["serial0"] = serial
-    if agent_output is not None:
-        agent = Serial(line(COM2[1]), agent_output)
-        vm.pio.insert(agent, COM2[0], 8)
-        vm.devices["serial1"] = agent
+    if agent is not None:
+        agent_serial = Serial(line(COM2[1]), agent.output, on_input_ready=agent.input_ready)
+        vm.pio.insert(agent_serial, COM2[0], 8)
+        vm.devices["serial1"] = agent_serial
 
     def reset() -> None:
         vm.end(GuestExit(ExitKind.REBOOT, "the guest reset the machine"))

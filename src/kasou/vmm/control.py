@@ -7,7 +7,9 @@ Protocol (one request per line, one reply line per request, UTF-8)::
     -> {"request": "pause"}
     <- {"ok": false, "error": {"type": "LifecycleError", "message": "cannot pause: ..."}}
 
-Requests are those of ``vmm/requests.py``. A line longer than 64 KiB or a client that sends
+Requests are those of ``vmm/requests.py``. A request that takes long (``exec``) is answered
+from a worker thread, so the event loop keeps serving the VM meanwhile; a client gets its
+replies in the order it sent the requests. A line longer than 64 KiB or a client that sends
 bytes that are not JSON gets an error reply (or is disconnected for an overlong line); it
 never disturbs the VM. The server runs on the VM's event loop; the socket file is removed
 when the server closes, and a stale one left by a dead kasou is replaced.
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +30,10 @@ from kasou.errors import ConfigError, KasouError
 from kasou.event import EventLoop
 from kasou.vmm.requests import Reply, Request, parse_request
 
-__all__ = ["ControlServer"]
+__all__ = ["ControlServer", "Deferred", "Handler"]
+
+Deferred = Callable[[], Reply]  # work a handler leaves for a worker thread
+Handler = Callable[[Request], "Reply | Deferred"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,7 @@ MAX_CLIENTS = 32
 class ControlServer:
     """Serves ``Request``s from ``path`` on ``loop`` by calling ``handle``."""
 
-    def __init__(self, path: Path, loop: EventLoop, handle: Callable[[Request], Reply]) -> None:
+    def __init__(self, path: Path, loop: EventLoop, handle: Handler) -> None:
         self.path = path
         self._loop = loop
         self._handle = handle
@@ -71,16 +77,46 @@ class ControlServer:
             self._drop(fd)
             return
         buffer += data
+        self._serve_lines(fd)
+
+    def _serve_lines(self, fd: int) -> None:
+        client, buffer = self._clients[fd]
         while b"\n" in buffer:
             line, _, rest = bytes(buffer).partition(b"\n")
             buffer[:] = rest
-            if line.strip():
-                self._reply(client, self._serve(line))
+            if not line.strip():
+                continue
+            answer = self._serve(line)
+            if isinstance(answer, Reply):
+                self._reply(client, answer)
+                continue
+            # Long work: stop reading this client until the worker has replied, so replies
+            # keep the order of requests.
+            self._loop.remove(fd)
+            worker = threading.Thread(
+                target=self._finish, args=(fd, client, answer), name="kasou-control", daemon=True
+            )
+            worker.start()
+            return
         if len(buffer) > MAX_LINE:
             self._reply(client, Reply(False, error_type="ConfigError", error="request too long"))
             self._drop(fd)
 
-    def _serve(self, line: bytes) -> Reply:
+    def _finish(self, fd: int, client: socket.socket, work: Deferred) -> None:
+        try:
+            reply = work()
+        except KasouError as error:
+            reply = Reply(False, error_type=type(error).__name__, error=str(error))
+        self._reply(client, reply)
+        self._loop.call_soon(lambda: self._resume(fd, client))
+
+    def _resume(self, fd: int, client: socket.socket) -> None:
+        if self._clients.get(fd, (None,))[0] is not client:
+            return  # closed meanwhile
+        self._loop.add_reader(fd, lambda events: self._on_data(fd))
+        self._serve_lines(fd)
+
+    def _serve(self, line: bytes) -> Reply | Deferred:
         try:
             request = parse_request(json.loads(line))
         except (ValueError, UnicodeDecodeError) as error:
@@ -103,9 +139,10 @@ class ControlServer:
             pass  # the client left; its fd is dropped on its next event
 
     def _drop(self, fd: int) -> None:
-        client, _ = self._clients.pop(fd)
-        self._loop.remove(fd)
-        client.close()
+        entry = self._clients.pop(fd, None)
+        if entry is not None:
+            self._loop.remove(fd)
+            entry[0].close()
 
     def close(self) -> None:
         for fd in list(self._clients):

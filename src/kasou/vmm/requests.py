@@ -20,11 +20,18 @@ class RequestKind(enum.Enum):
     PAUSE = "pause"
     RESUME = "resume"
     STOP = "stop"
+    EXEC = "exec"
 
 
 @dataclass(frozen=True)
 class Request:
+    """One request. Only ``exec`` has arguments: the command, its stdin (text), and how long
+    it may run, in seconds."""
+
     kind: RequestKind
+    argv: tuple[str, ...] = ()
+    stdin: str = ""
+    timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,23 @@ def parse_request(message: object) -> Request:
     except ValueError:
         known = ", ".join(kind.value for kind in RequestKind)
         raise ConfigError("request", f"unknown request {name!r}: use one of {known}") from None
-    extra = set(message) - {"request"}
+    allowed = {"request", "argv", "stdin", "timeout"} if kind is RequestKind.EXEC else {"request"}
+    extra = set(message) - allowed
     if extra:
-        raise ConfigError("request", f"{name} takes no arguments (got {', '.join(sorted(extra))})")
-    return Request(kind)
+        raise ConfigError("request", f"{name} does not take {', '.join(sorted(extra))}")
+    if kind is not RequestKind.EXEC:
+        return Request(kind)
+    argv = message.get("argv")
+    if (
+        not isinstance(argv, list)
+        or not argv
+        or not all(isinstance(word, str) and word and "\0" not in word for word in argv)
+    ):
+        raise ConfigError("argv", "exec needs argv: a non-empty list of non-empty strings")
+    stdin = message.get("stdin", "")
+    if not isinstance(stdin, str):
+        raise ConfigError("stdin", "stdin must be a string")
+    timeout = message.get("timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+        raise ConfigError("timeout", "timeout must be a number of seconds, above 0, at most 86400")
+    return Request(kind, tuple(argv), stdin, float(timeout))

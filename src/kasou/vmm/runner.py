@@ -22,12 +22,13 @@ from kasou.event import EventLoop
 from kasou.vmm.builder import build_vm
 from kasou.vmm.config import VmConfig
 from kasou.vmm.console import Console
+from kasou.vmm.agent import AgentChannel
 from kasou.vmm.requests import Reply, Request, RequestKind
 from kasou.vmm.vcpu import ExitKind, GuestExit, install_kick_handler
 from kasou.vmm.vm import Vm
 
 if TYPE_CHECKING:
-    from kasou.vmm.control import ControlServer
+    from kasou.vmm.control import ControlServer, Deferred
 
 __all__ = ["run"]
 
@@ -39,7 +40,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 class _Session:
     """The VM of the current boot, and the requests that reach it."""
 
-    def __init__(self) -> None:
+    def __init__(self, agent: AgentChannel) -> None:
+        self.agent = agent
         self.vm: Vm | None = None
         self.boots = 0
         self.started = time.monotonic()
@@ -54,11 +56,13 @@ class _Session:
         if vm is not None:
             vm.stop(reason)
 
-    def handle(self, request: Request) -> Reply:
+    def handle(self, request: Request) -> Reply | Deferred:
         vm = self.vm
         if request.kind is RequestKind.STOP:
             self.stop("stopped on request")
             return Reply(True, {"state": "stopped"})
+        if request.kind is RequestKind.EXEC:
+            return lambda: self._exec(request)
         if vm is None:
             return Reply(True, {"state": "booting"})
         if request.kind is RequestKind.PAUSE:
@@ -68,16 +72,33 @@ class _Session:
         status = vm.status()
         status["boots"] = self.boots
         status["uptime"] = round(time.monotonic() - self.started, 3)
+        status["agent"] = {"ready": self.agent.ready_ns is not None, "version": self.agent.version}
+        if self.agent.ready_ns is not None:
+            status["agent"]["ready_ns"] = self.agent.ready_ns  # CLOCK_MONOTONIC
         return Reply(True, status)
+
+    def _exec(self, request: Request) -> Reply:
+        result = self.agent.execute(
+            request.argv, request.stdin.encode(), timeout=request.timeout
+        )
+        return Reply(
+            True,
+            {
+                "status": result.status,
+                "stdout": result.stdout.decode(errors="replace"),
+                "stderr": result.stderr.decode(errors="replace"),
+            },
+        )
 
 
 def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> GuestExit:
     """Run the VM until it ends for good; return how it ended (``.kind.status`` is the exit
     status). Raises ``KasouError`` for anything that stops it from being built."""
     install_kick_handler()
-    session = _Session()
-    console = Console(config.console, on_quit=lambda: session.stop("quit from the console"))
     loop = EventLoop(f"kasou-{config.name}-events")
+    agent = AgentChannel(loop)
+    session = _Session(agent)
+    console = Console(config.console, on_quit=lambda: session.stop("quit from the console"))
     server: ControlServer | None = None
     previous = _install_stop_signals(session)
     try:
@@ -87,7 +108,7 @@ def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> Gue
 
             server = ControlServer(config.api_sock, loop, session.handle)
         while True:
-            vm = build_vm(config, console_output=console.write)
+            vm = build_vm(config, console_output=console.write, agent=agent)
             session.boots += 1
             with session._lock:
                 stopped = session.quit is not None
@@ -96,6 +117,7 @@ def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> Gue
                 if stopped:
                     return session.quit or GuestExit(ExitKind.STOPPED, "stopped")
                 console.attach(loop, vm.devices["serial0"])
+                agent.attach(vm.devices["serial1"].enqueue_input)
                 vm.start()
                 if on_boot is not None:
                     on_boot(vm)
@@ -103,6 +125,7 @@ def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> Gue
             finally:
                 with session._lock:
                     session.vm = None
+                agent.detach()
                 vm.close()
             assert ending is not None
             if ending.kind is ExitKind.REBOOT and config.on_reboot == "restart":

@@ -1,15 +1,17 @@
 /*
  * kasou-agent: the guest side of kasou's guest agent.
  *
- * Two modes:
+ * Modes:
  *
- *   kasou-agent            serve kasou's requests on the second serial port (/dev/ttyS1, COM2:
- *                          I/O 0x2f8, IRQ 3); COM1 stays the user's console. Started by init.
- *   kasou-agent --serial TTY   the same on another tty (kasou's tests use a pty).
- *   kasou-agent poweroff   ask kasou to end the VM (run by init's shutdown path, after sync and
- *                          unmount): write SLP_EN to kasou's power-off register, port 0x604.
+ *   kasou-agent                serve kasou's requests on the second serial port (/dev/ttyS1,
+ *                              COM2: I/O 0x2f8, IRQ 3); COM1 stays the user's console. Started
+ *                              by init (/etc/inittab), which restarts it if it dies.
+ *   kasou-agent --serial TTY   the same on another tty (kasou's tests run it on a pty).
+ *   kasou-agent poweroff       ask kasou to end the VM (init's last shutdown step, after sync
+ *                              and unmount): write SLP_EN to kasou's power-off register, port
+ *                              0x604. Only in kasou's guest (/etc/kasou-guest exists).
  *
- * The wire protocol is documented in kasou/image/agent_protocol.py, next to the host's codec:
+ * The wire protocol is documented in kasou/agent/protocol.py, next to the host's codec:
  * frames of  u32 length (big endian, of type + payload) | u8 type | payload.  The agent
  * answers EXEC by running the command with fork/exec, its stdio on pipes, and relays
  * STDIN/STDOUT/STDERR/EXIT; several commands may run at once.  One poll() loop multiplexes the
@@ -42,7 +44,7 @@
 #define SERIAL_PATH "/dev/ttyS1"
 #define GUEST_MARK "/etc/kasou-guest"
 
-/* Frame types: keep in step with FrameType in agent_protocol.py. */
+/* Frame types: keep in step with FrameType in kasou/agent/protocol.py. */
 enum frame_type {
 	T_READY = 1,     /* guest->host  version string */
 	T_EXEC = 2,      /* host->guest  u32 id, argv as NUL-terminated strings */

@@ -19,27 +19,27 @@ of id 0) and starts again with the next bytes that arrive.
 Frames (``id`` is a u32 naming one command, chosen by the host, never 0; ids are big endian,
 like every integer here; "strings" are bytes, UTF-8 by convention):
 
-======== ===== ============== ==========================================================
-type     value direction      payload
-======== ===== ============== ==========================================================
-READY    1     guest -> host  ASCII ``kasou-agent <version>`` (now ``kasou-agent 1``), sent
-                              once when the agent starts: the guest's boot-time mark
-EXEC     2     host -> guest  id, then argv as NUL-terminated strings (at least one); the
-                              agent forks and execs argv[0] (searched in
-                              PATH=/bin:/sbin:/usr/bin:/usr/sbin), in its own session,
-                              its stdin/stdout/stderr on pipes, cwd /
-STDIN    3     host -> guest  id, data for the command's stdin (queued if it is not
-                              reading; at most 4 MiB queued, beyond that ERROR)
-STDIN_EOF 4    host -> guest  id: close the command's stdin once the queue is written
-STDOUT   5     guest -> host  id, data the command wrote to stdout (at most ``CHUNK`` bytes)
-STDERR   6     guest -> host  id, the same for stderr
-EXIT     7     guest -> host  id, i32 status: the exit code, or 128 + the signal number
-                              that ended it; sent after all of the command's output
-ERROR    8     guest -> host  id (0: about a frame, not a command), UTF-8 message
-PING     9     host -> guest  any bytes
-PONG     10    guest -> host  the PING's bytes
-SIGNAL   11    host -> guest  id, u32 signal number, sent to the command's process group
-======== ===== ============== ==========================================================
+========= ===== ============== =========================================================
+type      value direction      payload
+========= ===== ============== =========================================================
+READY     1     guest -> host  ASCII ``kasou-agent <version>`` (now ``kasou-agent 1``),
+                               sent once when the agent starts: the guest's boot-time mark
+EXEC      2     host -> guest  id, then argv as NUL-terminated strings (1 to 4096); the
+                               agent forks and execs argv[0] (searched in
+                               PATH=/bin:/sbin:/usr/bin:/usr/sbin) in its own session,
+                               its stdin/stdout/stderr on pipes, cwd /
+STDIN     3     host -> guest  id, data for the command's stdin (queued while it is not
+                               reading; at most 4 MiB queued, beyond that ERROR)
+STDIN_EOF 4     host -> guest  id: close the command's stdin once the queue is written
+STDOUT    5     guest -> host  id, data the command wrote to stdout (at most ``CHUNK`` B)
+STDERR    6     guest -> host  id, the same for stderr
+EXIT      7     guest -> host  id, i32 status: the exit code, or 128 + the number of the
+                               signal that ended it; sent after all of the command's output
+ERROR     8     guest -> host  id (0: about a frame, not a command), UTF-8 message
+PING      9     host -> guest  any bytes
+PONG      10    guest -> host  the PING's bytes
+SIGNAL    11    host -> guest  id, u32 signal number, sent to the command's process group
+========= ===== ============== =========================================================
 
 Each EXEC ends in exactly one EXIT, or in one ERROR if the command could not be started (an
 unknown program, a malformed EXEC, an id in use, 64 commands running already). An ERROR about
@@ -50,7 +50,8 @@ those. Output written after the command exits by processes it left behind is los
 The agent's other mode, ``kasou-agent poweroff`` (init's last shutdown step), writes
 ``POWEROFF_VALUE`` (16 bit) to I/O port ``POWEROFF_PORT``: kasou's power-off register, modelled
 on ACPI PM1a_CNT's SLP_EN bit (ACPI 6.5 §4.8.3.2.1). If the VM is still running after that, the
-agent halts the CPUs.
+agent halts the CPUs. It does nothing where ``/etc/kasou-guest`` is missing (on a host, port
+0x604 may be something else).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The guest agent's wire codec (kasou.image.agent_protocol)."""
+"""The guest agent's wire codec (kasou.agent.protocol)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kasou.errors import GuestError
-from kasou.image import agent_protocol as ap
-from kasou.image.agent_protocol import Frame, FrameDecoder, FrameType
+from kasou.agent import protocol as ap
+from kasou.agent.protocol import Frame, FrameDecoder, FrameType
 
 frames = st.builds(Frame, st.integers(0, 255), st.binary(max_size=300))
 
