@@ -138,3 +138,20 @@ def test_sigterm_to_the_caller_kills_the_vm(tmp_path: Path) -> None:
             child.wait()
     assert processes_mentioning(str(tmp_path)) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shared_folder_brings_results_back(tmp_path: Path) -> None:
+    # As `make test` uses it: a scratch folder under /tmp (which is a fresh tmpfs inside),
+    # shared, written by the command, read here afterwards.
+    results = tmp_path / "results dir"
+    results.mkdir()
+    result = run_nested(
+        ["sh", "-c", 'pwd; echo "from the nested host" > "report 1.txt"'],
+        cwd=results,
+        shares=[results],
+        stream=False,
+        timeout=600,
+    )
+    assert result.status == 0, result.output
+    assert result.output == f"{results}\n"
+    assert (results / "report 1.txt").read_text() == "from the nested host\n"

@@ -49,6 +49,11 @@ def test_with_qemu_only_busybox_or_apt_can_be_missing() -> None:
         ({"command": ["true"], "cwd": Path("/run/x")}, "cwd"),
         ({"command": ["true"], "cwd": Path("relative")}, "cwd"),
         ({"command": ["true"], "cwd": Path("/no/such/dir")}, "cwd"),
+        ({"command": ["true"], "shares": [Path("/")]}, "shares"),
+        ({"command": ["true"], "shares": [Path("/proc")]}, "shares"),
+        ({"command": ["true"], "shares": [Path("relative")]}, "shares"),
+        ({"command": ["true"], "shares": [Path("/no/such/dir")]}, "shares"),
+        ({"command": ["true"], "shares": "/work"}, "shares"),
     ],
 )
 def test_unusable_requests_are_refused_before_booting(
@@ -58,3 +63,16 @@ def test_unusable_requests_are_refused_before_booting(
     with pytest.raises(ConfigError) as raised:
         run_nested(**kwargs)  # type: ignore[arg-type]
     assert raised.value.field == field
+
+
+def test_a_directory_under_tmp_is_usable_once_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /tmp is a fresh tmpfs inside, but a shared folder is mounted over it at its own path:
+    # the request gets past the checks (and stops at the missing QEMU, not at cwd).
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert str(tmp_path).startswith("/tmp/")
+    with pytest.raises(ConfigError, match="cwd"):
+        run_nested(["true"], cwd=tmp_path)
+    with pytest.raises(NestedError, match="qemu"):
+        run_nested(["true"], cwd=tmp_path, shares=[tmp_path])

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kasou.nested._command import MAX_SCRIPT_BYTES, encode_command
+from kasou.nested._command import MAX_SCRIPT_BYTES, encode_command, encode_mounts
 
 REPORT = (
     "import json, os, sys; "
@@ -95,7 +95,7 @@ def test_a_missing_directory_ends_with_status_125(tmp_path: Path) -> None:
 @settings(max_examples=25, deadline=None)
 @given(
     st.lists(
-        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0")),
+        st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0")),
         max_size=5,
     )
 )
@@ -139,3 +139,33 @@ def test_non_utf8_names_keep_their_bytes(tmp_path: Path) -> None:
         ["/bin/sh", str(tmp_path / "command.sh")], capture_output=True, check=False
     )
     assert result.stdout == b"caf\xe9"
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="needs busybox")
+def test_shared_folders_are_mounted_at_their_own_paths(tmp_path: Path) -> None:
+    folders = ["/work/a b", "/tmp/it's", "/srv/ünï\ncode"]
+    (tmp_path / "mounts.sh").write_bytes(encode_mounts(folders))
+    assert BUSYBOX is not None
+    root = tmp_path / "newroot"
+    # /init's context: $r is the new root, and mount is the one command faked here (it prints
+    # what it was asked), since mounting needs root and a 9p device.
+    harness = (
+        'r="$1"; fail() { echo "FAIL $*"; exit 1; }; mount() { printf \'%s\\0\' "$@"; }; . "$2"'
+    )
+    result = subprocess.run(
+        [BUSYBOX, "sh", "-c", harness, "init", str(root), str(tmp_path / "mounts.sh")],
+        capture_output=True,
+        check=True,
+    )
+    calls = result.stdout.decode().split("\0")[:-1]
+    options = "trans=virtio,version=9p2000.L,msize=262144"
+    expected: list[str] = []
+    for index, folder in enumerate(folders):
+        expected += ["-t", "9p", "-o", options, f"kasoushare{index}", f"{root}{folder}"]
+        assert (root / folder.lstrip("/")).is_dir()  # made in the new root first
+    assert calls == expected
+
+
+def test_shared_folders_must_be_absolute() -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        encode_mounts(["results"])

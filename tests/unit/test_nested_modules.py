@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kasou.nested._modules import ModuleError, modinfo, module_bytes, resolve_modules
+from kasou.nested._modules import Module, ModuleError, modinfo, module_bytes, resolve_modules
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
@@ -52,8 +52,8 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
-def names(modules: list[object]) -> list[str]:
-    return [module.name for module in modules]  # type: ignore[attr-defined]
+def names(modules: list[Module]) -> list[str]:
+    return [module.name for module in modules]
 
 
 def test_dependencies_come_first(tree: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 __all__ = ["BuildProgress"]
 
@@ -23,7 +23,7 @@ class BuildProgress:
             console=Console(stderr=True),
             transient=False,
         )
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> BuildProgress:
         self._progress.start()
@@ -36,14 +36,14 @@ class BuildProgress:
         trace: TracebackType | None,
     ) -> None:
         if self._task is not None and kind is None:
-            self._progress.update(self._task, completed=1.0)  # type: ignore[arg-type]
+            self._progress.update(self._task, completed=1.0)
         self._progress.stop()
 
     def step(self, name: str) -> None:
         if self._task is not None:
-            self._progress.update(self._task, completed=1.0)  # type: ignore[arg-type]
-        self._task = self._progress.add_task(name, total=1.0)  # type: ignore[assignment]
+            self._progress.update(self._task, completed=1.0)
+        self._task = self._progress.add_task(name, total=1.0)
 
     def advance(self, fraction: float) -> None:
         if self._task is not None:
-            self._progress.update(self._task, completed=fraction)  # type: ignore[arg-type]
+            self._progress.update(self._task, completed=fraction)

@@ -17,6 +17,13 @@ original bytes back. NUL cannot be in an argument or a variable (execve(2) strin
 and is refused.
 
 The script must fit in one argument (MAX_ARG_STRLEN, 32 pages: 128 KiB on x86-64).
+
+Writable host folders ("shares") cross the same way: ``encode_mounts`` writes the lines /init
+sources (``. /ctl/mounts.sh``) once the new root is assembled, one per share, mounting 9p tag
+``kasoushare<N>`` at the folder's own path under ``$r`` (the new root)::
+
+    mkdir -p "$r"'/the/folder' && mount -t 9p -o trans=virtio,... kasoushare0 "$r"'/the/folder' \
+        || fail 'cannot mount the share /the/folder'
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 
-__all__ = ["MAX_SCRIPT_BYTES", "encode_command"]
+__all__ = ["MAX_SCRIPT_BYTES", "SHARE_TAG_PREFIX", "encode_command", "encode_mounts"]
 
 # Linux's MAX_ARG_STRLEN (include/uapi/linux/binfmts.h: PAGE_SIZE * 32), less room to spare.
 MAX_SCRIPT_BYTES = 120 * 1024
@@ -72,3 +79,23 @@ def encode_command(argv: Sequence[str], *, cwd: str, env: Mapping[str, str]) -> 
             f"{MAX_SCRIPT_BYTES} that fit in one argument: pass less, or put it in a file"
         )
     return script
+
+
+SHARE_TAG_PREFIX = "kasoushare"
+
+
+def encode_mounts(paths: Sequence[str]) -> bytes:
+    """The /init lines that mount share ``N`` (9p tag ``kasoushare<N>``) at ``paths[N]`` in the
+    new root. ``paths`` are absolute; a folder comes after any share that holds it, so the
+    caller sorts them."""
+    lines = ["# kasou nested: the host folders to mount writable, written by the host"]
+    for index, path in enumerate(paths):
+        if not path.startswith("/"):
+            raise ValueError(f"a shared folder must be an absolute path: {path!r}")
+        where = '"$r"' + _quote(path, "a shared folder")
+        tag = f"{SHARE_TAG_PREFIX}{index}"
+        lines.append(
+            f"mkdir -p {where} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "
+            f"{tag} {where} || fail {_quote(f'cannot mount the share {path}', 'a message')}"
+        )
+    return os.fsencode("\n".join(lines) + "\n")

@@ -3,8 +3,9 @@
 One run::
 
     host                                         outer VM (QEMU TCG, -cpu qemu64,+svm)
-    private temp dir ── share/ ── 9p kasouctl ── /ctl: command.sh in; started, status out
+    private temp dir ── share/ ── 9p kasouctl ── /ctl: command.sh, mounts.sh in; status out
     /  (read-only) ─────────────── 9p hostroot ── /lower ─ overlay + tmpfs ─ chroot, command
+    each shared folder ─────────── 9p kasoushare<N> ── the same path in the new root
     out.sock  <──────── virtio-serial port "kasou.out" ── the command's stdout and stderr
     console.log  <───── ttyS0 ── kernel console and /init's own messages
 
@@ -47,7 +48,7 @@ from pathlib import Path
 from types import FrameType
 
 from kasou.errors import ConfigError
-from kasou.nested._command import encode_command
+from kasou.nested._command import SHARE_TAG_PREFIX, encode_command, encode_mounts
 from kasou.nested._errors import NestedError
 from kasou.nested._image import (
     CONTROL_TAG,
@@ -130,11 +131,19 @@ def qemu_command(
     *,
     memory_mib: int,
     cpus: int,
+    shares: Sequence[str] = (),
 ) -> list[str]:
-    """QEMU's argv for one run: the kernel and initramfs from cache ``entry``, the host root
-    and ``workdir/share`` over 9p, output to ``workdir/out.sock``, console to
-    ``workdir/console.log``."""
+    """QEMU's argv for one run: the kernel and initramfs from cache ``entry``, the host root,
+    ``workdir/share`` and each of ``shares`` over 9p, output to ``workdir/out.sock``, console
+    to ``workdir/console.log``."""
     accel = "tcg,thread=multi" if cpus > 1 else "tcg"
+    folders: list[str] = []
+    for index, path in enumerate(shares):
+        folders += [
+            "-virtfs",
+            f"local,path={_opt(path)},mount_tag={SHARE_TAG_PREFIX}{index},"
+            "security_model=none,multidevs=remap",
+        ]
     return [
         qemu,
         "-nodefaults",
@@ -158,11 +167,40 @@ def qemu_command(
         "-device", "virtio-serial-pci,id=kasouserial",
         "-chardev", f"socket,id=kasouout,path={_opt(workdir / 'out.sock')}",
         "-device", f"virtserialport,bus=kasouserial.0,chardev=kasouout,name={OUTPUT_PORT}",
+        *folders,
     ]  # fmt: skip
 
 
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _check_shares(shares: Sequence[Path | str]) -> list[str]:
+    """The shared folders as real paths, parents first; ``ConfigError`` for an unusable one."""
+    if isinstance(shares, str | bytes):
+        raise ConfigError("shares", "give the shared folders as a list of paths")
+    real: list[str] = []
+    for share in shares:
+        path = Path(share)
+        if not path.is_absolute() or not path.is_dir():
+            raise ConfigError("shares", f"{share} is not an existing directory on this host")
+        resolved = os.path.realpath(path)
+        if resolved == "/" or any(_under(resolved, d) for d in ("/proc", "/sys", "/dev")):
+            raise ConfigError("shares", f"{share} cannot be shared: pick a folder of files")
+        if resolved not in real:
+            real.append(resolved)
+    # A share inside another is mounted after it, or the outer mount would hide it.
+    return sorted(real, key=lambda path: path.count("/"))
+
+
 def _check_request(
-    command: Sequence[str], cwd: Path, timeout: float, memory_mib: int, cpus: int
+    command: Sequence[str],
+    *,
+    cwd: Path,
+    timeout: float,
+    memory_mib: int,
+    cpus: int,
+    shares: Sequence[str],
 ) -> None:
     if isinstance(command, str | bytes):
         raise ConfigError("command", "give the program and its arguments as a list of strings")
@@ -177,12 +215,14 @@ def _check_request(
     if not cwd.is_absolute() or not cwd.is_dir():
         raise ConfigError("cwd", f"{cwd} is not an existing directory on this host")
     real = os.path.realpath(cwd)
+    if any(_under(real, share) for share in shares):
+        return
     for masked in _MASKED:
-        if real == masked or real.startswith(masked + "/"):
+        if _under(real, masked):
             raise ConfigError(
                 "cwd",
                 f"{cwd} is under {masked}, which the nested host replaces with a fresh file "
-                "system: run from a directory elsewhere",
+                "system: run from a directory elsewhere, or share it",
             )
 
 
@@ -195,13 +235,16 @@ def run_nested(
     cpus: int | None = None,
     stream: bool = True,
     env: Mapping[str, str] | None = None,
+    shares: Sequence[Path] = (),
 ) -> NestedResult:
     """Run ``command`` as root in a nested host that has a real /dev/kvm; return how it ended.
 
     The command sees this host's file system (read-only underneath, writable through an
     in-memory overlay that is discarded afterwards), with fresh /tmp, /run, /proc, /sys and
     /dev, in ``cwd`` (default: the current directory), with PATH and HOME from this process
-    plus ``env``. Its stdout and stderr are collected and, with ``stream``, copied to
+    plus ``env``. Each folder in ``shares`` is mounted writable at its own path (over the
+    fresh /tmp too), so results can come back. Its stdout and stderr are collected and, with
+    ``stream``, copied to
     ``sys.stdout`` as they arrive. The first call builds the outer kernel and initramfs
     (``prepare``). ``timeout`` counts from QEMU's start and covers the boot.
 
@@ -210,7 +253,10 @@ def run_nested(
     """
     cwd = Path.cwd() if cwd is None else Path(cwd)
     cpus = _default_cpus() if cpus is None else cpus
-    _check_request(command, cwd, timeout, memory_mib, cpus)
+    folders = _check_shares(shares)
+    _check_request(
+        command, cwd=cwd, timeout=timeout, memory_mib=memory_mib, cpus=cpus, shares=folders
+    )
     variables = {
         "PATH": os.environ.get("PATH", _DEFAULT_PATH),
         "HOME": os.environ.get("HOME", "/root"),
@@ -220,10 +266,14 @@ def run_nested(
         script = encode_command(list(command), cwd=str(cwd), env=variables)
     except ValueError as error:
         raise ConfigError("command", str(error)) from error
+    try:
+        mounts = encode_mounts(folders)
+    except ValueError as error:
+        raise ConfigError("shares", str(error)) from error
     reason = nested_available()
     if reason is not None:
         raise NestedError(f"the nested host cannot run here: {reason}")
-    entry = prepare()
+    entry = prepare(_log.info)  # the first call downloads and builds: say so in the log
     qemu = shutil.which(QEMU)
     assert qemu is not None  # nested_available checked it
 
@@ -231,7 +281,8 @@ def run_nested(
         share = workdir / "share"
         share.mkdir()
         (share / "command.sh").write_bytes(script)
-        argv = qemu_command(qemu, entry, workdir, memory_mib=memory_mib, cpus=cpus)
+        (share / "mounts.sh").write_bytes(mounts)
+        argv = qemu_command(qemu, entry, workdir, memory_mib=memory_mib, cpus=cpus, shares=folders)
         _log.debug("starting the outer VM: %s", argv)
         sink = _Streamer() if stream else None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
@@ -245,18 +296,20 @@ def run_nested(
             listener.listen(1)
             chunks: list[bytes] = []
             started = time.monotonic()
-            with (workdir / "qemu.log").open("wb") as qemu_log:
-                process = subprocess.Popen(
-                    _die_with_parent(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=qemu_log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            process = None
             try:
+                with (workdir / "qemu.log").open("wb") as qemu_log:
+                    process = subprocess.Popen(
+                        _die_with_parent(argv),
+                        stdin=subprocess.DEVNULL,
+                        stdout=qemu_log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 finished = _collect(process, listener, started + timeout, chunks, sink)
             finally:
-                _kill_group(process)
+                if process is not None:
+                    _kill_group(process)
             wall = time.monotonic() - started
         output = b"".join(chunks).decode("utf-8", errors="replace")
         if not finished:
