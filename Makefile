@@ -46,7 +46,7 @@ bench: setup
 	$(PY) bench/run.py
 
 demo: setup
-	$(PY) -m kasou.demo
+	$(VENV)/bin/kasou demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

@@ -4,8 +4,12 @@ Tiers (shared/DESIGN.md, "Tests"):
 
 - static: ruff (lint and format), mypy --strict, import-linter layer contracts;
 - unit: no /dev/kvm needed;
-- kvm: the guest kit's tiny guests on this host's /dev/kvm (PVM is enough);
+- kvm: the guest kit's tiny guests on this host's /dev/kvm (PVM is enough), and the same
+  guests under QEMU;
+- tools: the tooling around kasou under QEMU: the nested host itself, the guest agent;
 - e2e: the default Linux guest, on hardware KVM directly, else inside the nested host.
+
+The default guest is built first (cached; the first build compiles a kernel, ~7 min here).
 
 A tier that ran no test is reported as not run and fails the run (set KASOU_ALLOW_SKIP=1 to
 accept that on a machine that cannot run it), so a skipped tier cannot pass unnoticed.
@@ -63,7 +67,7 @@ def run_static() -> TierResult:
         [str(VENV / "lint-imports")],
     ]
     for command in checks:
-        print(f"\n$ {' '.join(Path(command[0]).name for _ in [0])} {' '.join(command[1:])}", flush=True)
+        print(f"\n$ {Path(command[0]).name} {' '.join(command[1:])}", flush=True)
         if subprocess.run(command, cwd=ROOT).returncode == 0:
             result.passed += 1
         else:
@@ -98,10 +102,15 @@ def main() -> int:
     host = probe_host()
     results = [run_static(), run_pytest("unit", ["tests/unit"])]
     if host.problem is None:
-        results.append(run_pytest("kvm", ["tests/kvm"]))
+        results.append(run_pytest("kvm", ["tests/kvm", "tests/guestkit_qemu"]))
     else:
         results.append(TierResult("kvm", note=f"not run: {host.problem}"))
-    if host.backend.boots_linux:
+    results.append(run_pytest("tools", ["tests/nested", "tests/image_qemu"]))
+    print("\n=== building the default guest (cached)", flush=True)
+    built = subprocess.run([str(VENV / "kasou"), "image", "build"], cwd=ROOT).returncode == 0
+    if not built:
+        results.append(TierResult("e2e", failed=1, note="the default guest did not build"))
+    elif host.backend.boots_linux:
         results.append(run_pytest("e2e", ["tests/e2e"]))
     else:
         results.append(

@@ -202,3 +202,21 @@ def nested(
     except KasouError as error:
         _fail(error)
     raise typer.Exit(result.status)
+
+
+@app.command(epilog="Example: kasou demo --vcpus 2")
+def demo(
+    vcpus: Annotated[int, typer.Option(help="vCPUs for the guest.")] = 2,
+    here: Annotated[
+        bool, typer.Option(help="Run on this host's KVM even if it is not hardware KVM.")
+    ] = False,
+) -> None:
+    """Boot the default guest, run uname/nproc/free in it, print the boot times."""
+    from kasou.cli.demo import demo as run_demo
+    from kasou.errors import KasouError
+
+    try:
+        status = run_demo(vcpus, here)
+    except KasouError as error:
+        _fail(error)
+    raise typer.Exit(status)
