@@ -1,0 +1,163 @@
+"""Boot time of the default guest, kasou beside QEMU ``-M microvm`` (same kernel, initramfs
+and command line, same host). Run by ``make bench``; on a host whose KVM cannot boot Linux,
+``bench/run.py`` runs this inside ``kasou nested``.
+
+Two figures, each the median of ``--runs`` boots of each VMM:
+
+- boot to agent: from the VMM's process start (the harness's clock just before it spawns the
+  VMM) to the guest agent's READY frame arriving on COM2 (kasou stamps its arrival itself;
+  for QEMU the harness holds the other end of COM2's socket and stamps it);
+- VMM start: from the process start to the VMM's first KVM_RUN (kasou stamps it when
+  KASOU_TRACE_START is set; QEMU's `kvm_vcpu_ioctl` trace event with a timestamp). For QEMU
+  this is measured in separate runs, since tracing every vCPU ioctl slows the rest of its
+  boot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kasou.agent import protocol
+from kasou.client import ControlClient
+from kasou.image import default_guest
+
+KASOU = str(Path(sys.executable).with_name("kasou"))
+QEMU = "qemu-system-x86_64"
+READY = protocol.ready_frame()
+TIMEOUT = 180.0
+
+
+def kasou_boot(scratch: Path, vcpus: int) -> tuple[float, float]:
+    guest = default_guest(build=False)
+    sock = scratch / "kasou.sock"
+    start = time.monotonic_ns()
+    process = subprocess.Popen(
+        [KASOU, "run", "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
+         "--cmdline", guest.cmdline, "--vcpus", str(vcpus), "--memory", "512M",
+         "--console", "none", "--api-sock", str(sock)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "KASOU_TRACE_START": "1"},
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not sock.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kasou did not start: {process.communicate()[1]!r}")
+            time.sleep(0.005)
+        with ControlClient(sock, timeout=TIMEOUT) as client:
+            client.execute(["true"], timeout=TIMEOUT)  # returns once the agent is up
+            ready = client.request("status")["agent"]["ready_ns"]
+            client.request("stop")
+        process.wait(60)
+        stderr = process.stderr.read().decode() if process.stderr else ""
+        first_run = next(int(line.rsplit(" ", 1)[1]) for line in stderr.splitlines()
+                         if line.startswith("kasou: first KVM_RUN at "))
+        return (ready - start) / 1e9, (first_run - start) / 1e9
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def qemu_command(scratch: Path, vcpus: int, agent: Path) -> list[str]:
+    guest = default_guest(build=False)
+    return [
+        QEMU, "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host", "-smp", str(vcpus),
+        "-m", "512", "-nodefaults", "-no-user-config", "-display", "none",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.cmdline,
+        "-serial", "null",
+        "-chardev", f"socket,id=agent,path={agent}",
+        "-device", "isa-serial,chardev=agent,iobase=0x2f8,irq=3",
+    ]
+
+
+def qemu_boot(scratch: Path, vcpus: int) -> float:
+    agent = scratch / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(agent))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    start = time.monotonic_ns()
+    process = subprocess.Popen(qemu_command(scratch, vcpus, agent),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        connection, _ = listener.accept()
+        connection.settimeout(TIMEOUT)
+        seen = b""
+        while READY not in seen:
+            chunk = connection.recv(4096)
+            if not chunk:
+                raise RuntimeError("QEMU closed COM2 before the agent was ready")
+            seen += chunk
+        ready = time.monotonic_ns()
+        connection.close()
+        return (ready - start) / 1e9
+    finally:
+        process.kill()  # microvm has no ACPI: a powered-off guest would not end QEMU anyway
+        process.wait()
+        listener.close()
+        agent.unlink()
+
+
+def qemu_start(scratch: Path, vcpus: int) -> float:
+    trace = scratch / "trace.log"
+    agent = scratch / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(agent))
+    listener.listen(1)
+    start = time.time()
+    process = subprocess.Popen(
+        [*qemu_command(scratch, vcpus, agent), "-msg", "timestamp=on",
+         "-trace", f"enable=kvm_vcpu_ioctl,file={trace}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if trace.exists():
+                for line in trace.read_text(errors="replace").splitlines():
+                    # "PID@SECONDS.MICROS:kvm_vcpu_ioctl cpu_index 0, type 0xae80, ..."
+                    if "type 0xae80," in line:
+                        return float(line.split("@", 1)[1].split(":", 1)[0]) - start
+            time.sleep(0.01)
+        raise RuntimeError("QEMU never entered KVM_RUN")
+    finally:
+        process.kill()
+        process.wait()
+        listener.close()
+        agent.unlink()
+        trace.unlink(missing_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="boot time, kasou beside QEMU microvm")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--vcpus", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kasou-boot-") as folder:
+        scratch = Path(folder)
+        kasou = [kasou_boot(scratch, args.vcpus) for _ in range(args.runs)]
+        qemu_ready = [qemu_boot(scratch, args.vcpus) for _ in range(args.runs)]
+        qemu_first = [qemu_start(scratch, args.vcpus) for _ in range(args.runs)]
+    k_ready = statistics.median(ready for ready, _ in kasou)
+    k_first = statistics.median(first for _, first in kasou)
+    q_ready, q_first = statistics.median(qemu_ready), statistics.median(qemu_first)
+    print(f"\n## boot (default guest, {args.vcpus} vCPU, 512 MiB; median of {args.runs} boots)")
+    print(f"   {'figure':<14} {'kasou':>10} {'QEMU microvm':>13} {'kasou/QEMU':>11}  definition")
+    print(f"   {'boot to agent':<14} {k_ready * 1e3:>8.0f}ms {q_ready * 1e3:>11.0f}ms "
+          f"{k_ready / q_ready:>10.2f}x  process start -> guest agent READY on COM2")
+    print(f"   {'VMM start':<14} {k_first * 1e3:>8.0f}ms {q_first * 1e3:>11.0f}ms "
+          f"{k_first / q_first:>10.2f}x  process start -> first KVM_RUN")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
