@@ -40,10 +40,27 @@ def kasou_boot(scratch: Path, vcpus: int) -> tuple[float, float]:
     sock = scratch / "kasou.sock"
     start = time.monotonic_ns()
     process = subprocess.Popen(
-        [KASOU, "run", "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
-         "--cmdline", guest.cmdline, "--vcpus", str(vcpus), "--memory", "512M",
-         "--console", "none", "--api-sock", str(sock)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            KASOU,
+            "run",
+            "--kernel",
+            str(guest.kernel),
+            "--initrd",
+            str(guest.initrd),
+            "--cmdline",
+            guest.cmdline,
+            "--vcpus",
+            str(vcpus),
+            "--memory",
+            "512M",
+            "--console",
+            "none",
+            "--api-sock",
+            str(sock),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env={**os.environ, "KASOU_TRACE_START": "1"},
     )
     try:
@@ -58,8 +75,11 @@ def kasou_boot(scratch: Path, vcpus: int) -> tuple[float, float]:
             client.request("stop")
         process.wait(60)
         stderr = process.stderr.read().decode() if process.stderr else ""
-        first_run = next(int(line.rsplit(" ", 1)[1]) for line in stderr.splitlines()
-                         if line.startswith("kasou: first KVM_RUN at "))
+        first_run = next(
+            int(line.rsplit(" ", 1)[1])
+            for line in stderr.splitlines()
+            if line.startswith("kasou: first KVM_RUN at ")
+        )
         return (ready - start) / 1e9, (first_run - start) / 1e9
     finally:
         if process.poll() is None:
@@ -70,12 +90,32 @@ def kasou_boot(scratch: Path, vcpus: int) -> tuple[float, float]:
 def qemu_command(scratch: Path, vcpus: int, agent: Path) -> list[str]:
     guest = default_guest(build=False)
     return [
-        QEMU, "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host", "-smp", str(vcpus),
-        "-m", "512", "-nodefaults", "-no-user-config", "-display", "none",
-        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.cmdline,
-        "-serial", "null",
-        "-chardev", f"socket,id=agent,path={agent}",
-        "-device", "isa-serial,chardev=agent,iobase=0x2f8,irq=3",
+        QEMU,
+        "-M",
+        "microvm,rtc=on",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        str(vcpus),
+        "-m",
+        "512",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-kernel",
+        str(guest.kernel),
+        "-initrd",
+        str(guest.initrd),
+        "-append",
+        guest.cmdline,
+        "-serial",
+        "null",
+        "-chardev",
+        f"socket,id=agent,path={agent}",
+        "-device",
+        "isa-serial,chardev=agent,iobase=0x2f8,irq=3",
     ]
 
 
@@ -86,9 +126,12 @@ def qemu_boot(scratch: Path, vcpus: int) -> float:
     listener.listen(1)
     listener.settimeout(TIMEOUT)
     start = time.monotonic_ns()
-    process = subprocess.Popen(qemu_command(scratch, vcpus, agent),
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        qemu_command(scratch, vcpus, agent),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         connection, _ = listener.accept()
         connection.settimeout(TIMEOUT)
@@ -116,9 +159,17 @@ def qemu_start(scratch: Path, vcpus: int) -> float:
     listener.listen(1)
     start = time.time()
     process = subprocess.Popen(
-        [*qemu_command(scratch, vcpus, agent), "-msg", "timestamp=on",
-         "-trace", f"enable=kvm_vcpu_ioctl,file={trace}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            *qemu_command(scratch, vcpus, agent),
+            "-msg",
+            "timestamp=on",
+            "-trace",
+            f"enable=kvm_vcpu_ioctl,file={trace}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
@@ -152,10 +203,14 @@ def main() -> int:
     q_ready, q_first = statistics.median(qemu_ready), statistics.median(qemu_first)
     print(f"\n## boot (default guest, {args.vcpus} vCPU, 512 MiB; median of {args.runs} boots)")
     print(f"   {'figure':<14} {'kasou':>10} {'QEMU microvm':>13} {'kasou/QEMU':>11}  definition")
-    print(f"   {'boot to agent':<14} {k_ready * 1e3:>8.0f}ms {q_ready * 1e3:>11.0f}ms "
-          f"{k_ready / q_ready:>10.2f}x  process start -> guest agent READY on COM2")
-    print(f"   {'VMM start':<14} {k_first * 1e3:>8.0f}ms {q_first * 1e3:>11.0f}ms "
-          f"{k_first / q_first:>10.2f}x  process start -> first KVM_RUN")
+    print(
+        f"   {'boot to agent':<14} {k_ready * 1e3:>8.0f}ms {q_ready * 1e3:>11.0f}ms "
+        f"{k_ready / q_ready:>10.2f}x  process start -> guest agent READY on COM2"
+    )
+    print(
+        f"   {'VMM start':<14} {k_first * 1e3:>8.0f}ms {q_first * 1e3:>11.0f}ms "
+        f"{k_first / q_first:>10.2f}x  process start -> first KVM_RUN"
+    )
     return 0
 
 

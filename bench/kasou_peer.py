@@ -33,19 +33,38 @@ class KasouRun:
 
 
 def run_guest(
-    elf: Path, cmdline: str, *, cpus: int = 1, memory: str = "64M", env: dict[str, str] | None = None
+    elf: Path,
+    cmdline: str,
+    *,
+    cpus: int = 1,
+    memory: str = "64M",
+    env: dict[str, str] | None = None,
 ) -> KasouRun:
     """Boot ``elf`` with ``cmdline`` under kasou until the guest ends; stamp each line."""
     start = time.monotonic()
     process = subprocess.Popen(
-        [KASOU, "run", "--kernel", str(elf), "--memory", memory, "--vcpus", str(cpus),
-         "--cmdline", cmdline],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            KASOU,
+            "run",
+            "--kernel",
+            str(elf),
+            "--memory",
+            memory,
+            "--vcpus",
+            str(cpus),
+            "--cmdline",
+            cmdline,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None and process.stderr is not None
-    lines = [Line(time.monotonic() - start, raw.decode(errors="replace").rstrip("\r\n"))
-             for raw in process.stdout]
+    lines = [
+        Line(time.monotonic() - start, raw.decode(errors="replace").rstrip("\r\n"))
+        for raw in process.stdout
+    ]
     stderr = process.stderr.read().decode(errors="replace")
     return KasouRun(lines, process.wait(), stderr)
 

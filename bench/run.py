@@ -30,10 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kasou_peer  # noqa: E402
-import qemu_peer  # noqa: E402
-
-from kasou.guestkit import build_guest  # noqa: E402
+import kasou_peer
+import qemu_peer
+from kasou.guestkit import build_guest
 
 
 def median_of(repeats: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
@@ -52,12 +51,14 @@ def qemu_exit_seconds(elf: Path, workload: str, count: int) -> float:
 def bench_exits(elf: Path, count: int, repeats: int, with_qemu: bool) -> None:
     print(f"\n## exit round trip (ring-0 loop of {count} exits, median of {repeats} runs)")
     print("   definition: (time from boot line to count= line) - (same with count=0), / count")
-    print(f"   {'exit':<6} {'kasou µs':>9} {'kasou exits/s':>14} {'QEMU µs':>9} "
-          f"{'QEMU exits/s':>13} {'kasou/QEMU time':>16}")
+    print(
+        f"   {'exit':<6} {'kasou µs':>9} {'kasou exits/s':>14} {'QEMU µs':>9} "
+        f"{'QEMU exits/s':>13} {'kasou/QEMU time':>16}"
+    )
     for workload in ("pio", "mmio"):
-        kasou, _ = median_of(repeats, lambda: kasou_peer.exit_seconds(elf, workload, count))
+        kasou, _ = median_of(repeats, lambda w=workload: kasou_peer.exit_seconds(elf, w, count))
         if with_qemu:
-            qemu, _ = median_of(repeats, lambda: qemu_exit_seconds(elf, workload, count))
+            qemu, _ = median_of(repeats, lambda w=workload: qemu_exit_seconds(elf, w, count))
             peer = f"{qemu * 1e6:>9.2f} {1 / qemu:>13,.0f} {kasou / qemu:>15.2f}x"
         else:
             peer = f"{'-':>9} {'-':>13} {'(no QEMU)':>16}"
@@ -84,8 +85,10 @@ def bench_start(elf: Path, repeats: int) -> None:
     print("   definition: exec of `kasou run` to the boot vCPU's first KVM_RUN")
     start, samples = median_of(repeats, lambda: start_seconds(elf))
     bare, _ = median_of(repeats, python_seconds)
-    print(f"   kasou: {start * 1e3:.1f} ms (min {min(samples) * 1e3:.1f}, max "
-          f"{max(samples) * 1e3:.1f}); for scale, `python -c pass` takes {bare * 1e3:.1f} ms")
+    print(
+        f"   kasou: {start * 1e3:.1f} ms (min {min(samples) * 1e3:.1f}, max "
+        f"{max(samples) * 1e3:.1f}); for scale, `python -c pass` takes {bare * 1e3:.1f} ms"
+    )
 
 
 def rss_outside_guest(pid: int, guest_bytes: int) -> int:
@@ -102,8 +105,13 @@ def rss_outside_guest(pid: int, guest_bytes: int) -> int:
 
 
 def measure_rss(command: list[str], guest_bytes: int, ready: bytes) -> int:
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert process.stdout is not None
         seen = b""
@@ -122,8 +130,16 @@ def bench_memory(elf: Path, repeats: int, with_qemu: bool) -> None:
     guest = 512 << 20
     print(f"\n## memory (512 MiB guest, booted; median of {repeats}; target: kasou 40 MiB or less)")
     print("   definition: VmRSS of the VMM process minus the resident part of guest RAM")
-    kasou_cmd = [kasou_peer.KASOU, "run", "--kernel", str(elf), "--memory", "512M",
-                 "--cmdline", "kasou.test=counter"]
+    kasou_cmd = [
+        kasou_peer.KASOU,
+        "run",
+        "--kernel",
+        str(elf),
+        "--memory",
+        "512M",
+        "--cmdline",
+        "kasou.test=counter",
+    ]
     kasou, _ = median_of(repeats, lambda: measure_rss(kasou_cmd, guest, b"counter_addr="))
     line = f"   kasou: {kasou / 2**20:.1f} MiB"
     if with_qemu:

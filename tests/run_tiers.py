@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv" / "bin"
@@ -68,7 +68,7 @@ def run_static() -> TierResult:
     ]
     for command in checks:
         print(f"\n$ {Path(command[0]).name} {' '.join(command[1:])}", flush=True)
-        if subprocess.run(command, cwd=ROOT).returncode == 0:
+        if subprocess.run(command, cwd=ROOT, check=False).returncode == 0:
             result.passed += 1
         else:
             result.failed += 1
@@ -86,7 +86,7 @@ def run_pytest(name: str, paths: list[str], wrapper: list[str] | None = None) ->
         if wrapper:
             os.chmod(scratch, 0o777)
             command = [*wrapper, "--share", scratch, "--", *command]
-        code = subprocess.run(command, cwd=ROOT).returncode
+        code = subprocess.run(command, cwd=ROOT, check=False).returncode
         _junit_counts(report, result)
         if code not in (0, 5) and result.failed == 0:
             result.failed += 1
@@ -107,15 +107,16 @@ def main() -> int:
         results.append(TierResult("kvm", note=f"not run: {host.problem}"))
     results.append(run_pytest("tools", ["tests/nested", "tests/image_qemu"]))
     print("\n=== building the default guest (cached)", flush=True)
-    built = subprocess.run([str(VENV / "kasou"), "image", "build"], cwd=ROOT).returncode == 0
+    built = (
+        subprocess.run([str(VENV / "kasou"), "image", "build"], cwd=ROOT, check=False).returncode
+        == 0
+    )
     if not built:
         results.append(TierResult("e2e", failed=1, note="the default guest did not build"))
     elif host.backend.boots_linux:
         results.append(run_pytest("e2e", ["tests/e2e"]))
     else:
-        results.append(
-            run_pytest("e2e", ["tests/e2e"], wrapper=[str(VENV / "kasou"), "nested"])
-        )
+        results.append(run_pytest("e2e", ["tests/e2e"], wrapper=[str(VENV / "kasou"), "nested"]))
         results[-1].note = results[-1].note or "inside the nested host"
 
     allow_skip = os.environ.get("KASOU_ALLOW_SKIP") == "1"

@@ -128,12 +128,23 @@ def launch(tmp_path: Path, default_guest: Any) -> Iterator[Launcher]:
         index = len(started)
         sock, console = tmp_path / f"vm{index}.sock", tmp_path / f"console{index}.log"
         command = [
-            KASOU, "run",
-            "--kernel", str(kernel or default_guest.kernel),
-            "--initrd", str(initrd or default_guest.initrd),
-            "--cmdline", cmdline or default_guest.cmdline,
-            "--vcpus", str(vcpus), "--memory", memory,
-            "--console", f"file:{console}", "--api-sock", str(sock), *extra,
+            KASOU,
+            "run",
+            "--kernel",
+            str(kernel or default_guest.kernel),
+            "--initrd",
+            str(initrd or default_guest.initrd),
+            "--cmdline",
+            cmdline or default_guest.cmdline,
+            "--vcpus",
+            str(vcpus),
+            "--memory",
+            memory,
+            "--console",
+            f"file:{console}",
+            "--api-sock",
+            str(sock),
+            *extra,
         ]
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE

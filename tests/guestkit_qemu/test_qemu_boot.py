@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from qemu_peer import QEMU, QemuGuest, kvm_usable, run_guest
 
 from kasou.guestkit import COUNTER_GPA, DONE_LINE, FAIL_PREFIX, GuestKitError, build_guest
+from qemu_peer import QEMU, QemuGuest, kvm_usable, run_guest
 
 pytestmark = pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} is not installed")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from kasou.image import ImageBuildError, default_guest
 from kasou.agent import protocol as ap
+from kasou.image import ImageBuildError, default_guest
 
 QEMU = shutil.which("qemu-system-x86_64")
 ACCEL = os.environ.get("KASOU_QEMU_ACCEL", "tcg")

@@ -158,5 +158,7 @@ def boot(guest_elf: Path) -> Iterator[BootFactory]:
         assert growth <= VMM_MEMORY_LIMIT, (
             f"the VMM's memory outside guest RAM grew by {growth >> 20} MiB"
         )
-        slow = [(name, seconds) for name, seconds in result.latencies if seconds > CONTROL_LATENCY_LIMIT]
+        slow = [
+            (name, seconds) for name, seconds in result.latencies if seconds > CONTROL_LATENCY_LIMIT
+        ]
         assert not slow, f"control requests slower than {CONTROL_LATENCY_LIMIT} s: {slow}"

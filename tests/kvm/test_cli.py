@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kasou.guestkit import DONE_LINE, cmdline
+from kasou.guestkit import cmdline
 
 KASOU = str(Path(sys.executable).with_name("kasou"))
 
@@ -25,23 +25,33 @@ def run(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.Compl
 
 
 def test_a_guest_runs_to_its_end_and_kasou_exits_0(guest_elf: Path) -> None:
-    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
-                 "--cmdline", cmdline("hello"))
+    result = run(
+        "run", "--kernel", str(guest_elf), "--memory", "64M", "--cmdline", cmdline("hello")
+    )
     assert result.returncode == 0, result.stderr
     assert b"hello from ring 3" in result.stdout
 
 
 def test_serial_input_reaches_the_guest(guest_elf: Path) -> None:
     message = b"kasou serial input " * 8  # more than the UART's 64-byte FIFO
-    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
-                 "--cmdline", cmdline("echo", n=len(message)), stdin=message)
+    result = run(
+        "run",
+        "--kernel",
+        str(guest_elf),
+        "--memory",
+        "64M",
+        "--cmdline",
+        cmdline("echo", n=len(message)),
+        stdin=message,
+    )
     assert result.returncode == 0, result.stderr
     assert message in result.stdout
 
 
 def test_a_triple_fault_exits_nonzero_with_a_report(guest_elf: Path) -> None:
-    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
-                 "--cmdline", cmdline("triple"))
+    result = run(
+        "run", "--kernel", str(guest_elf), "--memory", "64M", "--cmdline", cmdline("triple")
+    )
     assert result.returncode == 1
     assert b"the guest crashed on vCPU 0: triple fault" in result.stderr
     assert b"rip=" in result.stderr
@@ -49,8 +59,17 @@ def test_a_triple_fault_exits_nonzero_with_a_report(guest_elf: Path) -> None:
 
 def test_console_to_a_file(guest_elf: Path, tmp_path: Path) -> None:
     log = tmp_path / "console.log"
-    result = run("run", "--kernel", str(guest_elf), "--memory", "64M",
-                 "--console", f"file:{log}", "--cmdline", cmdline("hello"))
+    result = run(
+        "run",
+        "--kernel",
+        str(guest_elf),
+        "--memory",
+        "64M",
+        "--console",
+        f"file:{log}",
+        "--cmdline",
+        cmdline("hello"),
+    )
     assert result.returncode == 0
     assert b"hello" not in result.stdout
     assert "hello from ring 3" in log.read_text()
@@ -71,7 +90,9 @@ def no_leftovers(tmp_path: Path) -> Path:
 
 
 def test_missing_kernel(no_leftovers: Path) -> None:
-    line = _error_line(run("run", "--kernel", "/nonexistent/vmlinux", "--api-sock", str(no_leftovers)))
+    line = _error_line(
+        run("run", "--kernel", "/nonexistent/vmlinux", "--api-sock", str(no_leftovers))
+    )
     assert "kernel: /nonexistent/vmlinux does not exist" in line
     assert not no_leftovers.exists()
 
@@ -129,7 +150,9 @@ def test_no_dev_kvm(guest_elf: Path) -> None:
     )
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        capture_output=True, timeout=60, check=False,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     line = _error_line(result)
     assert "/dev/kvm is missing" in line and "kvm_intel or kvm_amd" in line
@@ -143,9 +166,21 @@ def test_no_permission_on_dev_kvm(guest_elf: Path) -> None:
         Path(folder).chmod(0o755)
         kernel.chmod(0o644)
         result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             sys.executable, "-m", "kasou", "run", "--kernel", str(kernel)],
-            capture_output=True, timeout=60, check=False,
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-m",
+                "kasou",
+                "run",
+                "--kernel",
+                str(kernel),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
     line = _error_line(result)
     assert "no permission to open /dev/kvm" in line
@@ -162,14 +197,32 @@ def _wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
 def test_control_commands_drive_a_running_vm(guest_elf: Path, tmp_path: Path) -> None:
     sock = tmp_path / "vm.sock"
     process = subprocess.Popen(
-        [KASOU, "run", "--kernel", str(guest_elf), "--memory", "64M", "--console", "none",
-         "--cmdline", cmdline("counter"), "--api-sock", str(sock)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            KASOU,
+            "run",
+            "--kernel",
+            str(guest_elf),
+            "--memory",
+            "64M",
+            "--console",
+            "none",
+            "--cmdline",
+            cmdline("counter"),
+            "--api-sock",
+            str(sock),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         _wait_for_socket(sock, process)
-        for command, state in (("status", "running"), ("pause", "paused"),
-                               ("status", "paused"), ("resume", "running")):
+        for command, state in (
+            ("status", "running"),
+            ("pause", "paused"),
+            ("status", "paused"),
+            ("resume", "running"),
+        ):
             start = time.monotonic()
             result = run(command, "--sock", str(sock))
             assert time.monotonic() - start < 5
@@ -189,9 +242,23 @@ def test_control_commands_drive_a_running_vm(guest_elf: Path, tmp_path: Path) ->
 def test_on_reboot_restart_boots_the_guest_again(guest_elf: Path, tmp_path: Path) -> None:
     sock = tmp_path / "vm.sock"
     process = subprocess.Popen(
-        [KASOU, "run", "--kernel", str(guest_elf), "--memory", "64M", "--on-reboot", "restart",
-         "--cmdline", cmdline("reset"), "--api-sock", str(sock)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            KASOU,
+            "run",
+            "--kernel",
+            str(guest_elf),
+            "--memory",
+            "64M",
+            "--on-reboot",
+            "restart",
+            "--cmdline",
+            cmdline("reset"),
+            "--api-sock",
+            str(sock),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         _wait_for_socket(sock, process)

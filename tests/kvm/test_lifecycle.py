@@ -11,8 +11,6 @@ from kasou.vmm import ExitKind, VmState
 from .conftest import BootFactory
 
 
-
-
 def test_pause_freezes_the_guest_and_resume_continues_it(boot: BootFactory) -> None:
     vm = boot("counter", vcpus=2)
     vm.console.wait_for("counter_addr=")

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kasou.errors import GuestError
 from kasou.agent import protocol as ap
 from kasou.agent.protocol import Frame, FrameDecoder, FrameType
+from kasou.errors import GuestError
 
 frames = st.builds(Frame, st.integers(0, 255), st.binary(max_size=300))
 

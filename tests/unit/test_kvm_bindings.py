@@ -63,7 +63,12 @@ def kernel_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     if shutil.which("gcc") is None or not Path("/usr/include/linux/kvm.h").exists():
         pytest.skip("needs gcc and the kernel headers (linux-libc-dev)")
     source = tmp_path_factory.mktemp("kvmh") / "sizes.c"
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void){"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/kvm.h>",
+        "int main(void){",
+    ]
     for name, c_type in STRUCTS.items():
         lines.append(f'printf("{name} %zu\\n", sizeof({c_type}));')
     for name, expr in OFFSETS.items():
@@ -88,7 +93,9 @@ def test_kvm_run_offsets_match_the_kernel_headers(kernel_values: dict[str, int])
         assert getattr(bindings, name) == kernel_values[name], name
 
 
-def test_ioctl_numbers_and_constants_match_the_kernel_headers(kernel_values: dict[str, int]) -> None:
+def test_ioctl_numbers_and_constants_match_the_kernel_headers(
+    kernel_values: dict[str, int],
+) -> None:
     names = _ioctl_names()
     assert "KVM_SET_USER_MEMORY_REGION" in names and "KVM_RUN" in names
     for name in names:

@@ -10,7 +10,7 @@ import pytest
 
 from kasou.nested import NestedError, prepare
 from kasou.nested._cache import ensure_entry
-from kasou.nested._image import INITRAMFS, KERNEL, _cache_key, find_busybox
+from kasou.nested._image import INITRAMFS, KERNEL, STOCK_BZIMAGE, _cache_key, find_busybox
 
 
 def fill(directory: Path) -> None:
@@ -75,6 +75,7 @@ def test_prepare_uses_a_complete_entry_and_ignores_leftovers(
     entry.mkdir()
     (entry / KERNEL).write_bytes(b"kernel")
     (entry / INITRAMFS).write_bytes(b"initramfs")
+    (entry / STOCK_BZIMAGE).write_bytes(b"bzImage")
     # No download happens: prepare() returns at once (PATH without apt proves it).
     monkeypatch.setenv("PATH", str(tmp_path))
     assert prepare() == entry

@@ -28,14 +28,31 @@ def _fail(error: Exception) -> None:
 
 @app.command(epilog=f"Example: {RUN_EXAMPLE}")
 def run(
-    kernel: Annotated[Optional[Path], typer.Option(help="Linux kernel: a vmlinux (ELF) or a bzImage. Default: the default guest.")] = None,  # noqa: UP045
-    initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk (cpio, optionally compressed).")] = None,  # noqa: UP045
-    cmdline: Annotated[Optional[str], typer.Option(help="Kernel command line. Default: console=ttyS0 reboot=k panic=-1")] = None,  # noqa: UP045
+    kernel: Annotated[
+        Path | None,
+        typer.Option(
+            help="Linux kernel: a vmlinux (ELF) or a bzImage. Default: the default guest."
+        ),
+    ] = None,
+    initrd: Annotated[
+        Path | None, typer.Option(help="Initial ramdisk (cpio, optionally compressed).")
+    ] = None,
+    cmdline: Annotated[
+        str | None,
+        typer.Option(help="Kernel command line. Default: console=ttyS0 reboot=k panic=-1"),
+    ] = None,
     vcpus: Annotated[int, typer.Option(help="Number of virtual CPUs.")] = 1,
     memory: Annotated[str, typer.Option(help="Guest RAM, like 512M or 2G.")] = "512M",
-    console: Annotated[str, typer.Option(help="Where COM1 goes: stdio, file:PATH or none.")] = "stdio",
-    api_sock: Annotated[Optional[Path], typer.Option(help="Serve the control socket (status, pause, resume, stop) here.")] = None,  # noqa: UP045
-    on_reboot: Annotated[str, typer.Option(help="What a guest reboot does: exit kasou, or restart the guest.")] = "exit",
+    console: Annotated[
+        str, typer.Option(help="Where COM1 goes: stdio, file:PATH or none.")
+    ] = "stdio",
+    api_sock: Annotated[
+        Path | None,
+        typer.Option(help="Serve the control socket (status, pause, resume, stop) here."),
+    ] = None,
+    on_reboot: Annotated[
+        str, typer.Option(help="What a guest reboot does: exit kasou, or restart the guest.")
+    ] = "exit",
 ) -> None:
     """Boot a guest and attach its serial console (Ctrl-A X quits).
 
@@ -101,7 +118,9 @@ def _request(sock: Path, name: str) -> None:
     typer.echo(json.dumps(result, indent=2))
 
 
-SockOption = Annotated[Path, typer.Option("--sock", help="The VM's control socket (--api-sock of kasou run).")]
+SockOption = Annotated[
+    Path, typer.Option("--sock", help="The VM's control socket (--api-sock of kasou run).")
+]
 
 
 @app.command(epilog="Example: kasou status --sock /tmp/vm.sock")

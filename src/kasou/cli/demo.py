@@ -47,10 +47,27 @@ def demo(vcpus: int, here: bool) -> int:
         sock, console = Path(scratch) / "vm.sock", Path(scratch) / "console.log"
         started = time.monotonic_ns()
         process = subprocess.Popen(
-            [KASOU, "run", "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
-             "--cmdline", guest.cmdline, "--vcpus", str(vcpus), "--memory", "512M",
-             "--console", f"file:{console}", "--api-sock", str(sock)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                KASOU,
+                "run",
+                "--kernel",
+                str(guest.kernel),
+                "--initrd",
+                str(guest.initrd),
+                "--cmdline",
+                guest.cmdline,
+                "--vcpus",
+                str(vcpus),
+                "--memory",
+                "512M",
+                "--console",
+                f"file:{console}",
+                "--api-sock",
+                str(sock),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             env={**os.environ, "KASOU_TRACE_START": "1"},
         )
         try:
@@ -61,8 +78,9 @@ def demo(vcpus: int, here: bool) -> int:
             process.wait(30)
 
 
-def _drive(out: Console, process: subprocess.Popen[bytes], sock: Path, started: int,
-           vcpus: int) -> int:
+def _drive(
+    out: Console, process: subprocess.Popen[bytes], sock: Path, started: int, vcpus: int
+) -> int:
     deadline = time.monotonic() + 60
     while not sock.exists():  # kasou's own start-up, bounded
         if process.poll() is not None:
@@ -87,13 +105,21 @@ def _drive(out: Console, process: subprocess.Popen[bytes], sock: Path, started: 
     status = process.wait(120)
     stderr = process.stderr.read().decode() if process.stderr else ""
     first_run = next(
-        (int(line.rsplit(" ", 1)[1]) for line in stderr.splitlines()
-         if line.startswith("kasou: first KVM_RUN at ")), None,
+        (
+            int(line.rsplit(" ", 1)[1])
+            for line in stderr.splitlines()
+            if line.startswith("kasou: first KVM_RUN at ")
+        ),
+        None,
     )
-    out.print(f"\n[bold]boot to agent[/bold] {(ready_ns - started) / 1e6:8.1f} ms"
-              "  (kasou run process start -> guest agent ready)")
+    out.print(
+        f"\n[bold]boot to agent[/bold] {(ready_ns - started) / 1e6:8.1f} ms"
+        "  (kasou run process start -> guest agent ready)"
+    )
     if first_run is not None:
-        out.print(f"[bold]VMM start[/bold]     {(first_run - started) / 1e6:8.1f} ms"
-                  "  (kasou run process start -> first KVM_RUN)")
+        out.print(
+            f"[bold]VMM start[/bold]     {(first_run - started) / 1e6:8.1f} ms"
+            "  (kasou run process start -> first KVM_RUN)"
+        )
     out.print(f"guest powered off; kasou run exited with status {status} ({vcpus} vCPU)")
     return status

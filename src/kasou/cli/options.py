@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["RUN_EXAMPLE", "RUN_OPTIONS", "RunOption"]
 
 
-@dataclass(frozen=True)
-class RunOption:
+class RunOption(NamedTuple):
     name: str  # the long flag without dashes
     help: str
     default: str | int | None = None
@@ -25,7 +24,9 @@ RUN_OPTIONS = (
     RunOption("console", "Where COM1 goes: stdio, file:PATH or none.", "stdio"),
     RunOption("api-sock", "Serve the control socket (status, pause, resume, stop) here."),
     RunOption(
-        "on-reboot", "What a guest reboot does: exit kasou, or restart the guest.", "exit",
+        "on-reboot",
+        "What a guest reboot does: exit kasou, or restart the guest.",
+        "exit",
         choices=("exit", "restart"),
     ),
 )

@@ -1,4 +1,7 @@
-"""The Python SDK: clients of a VM's control socket. Front ends (cli/, later api/ and web/) use it; it never imports the VMM."""
+"""The Python SDK: clients of a VM's control socket.
+
+Front ends (cli/, later api/ and web/) use it; it never imports the VMM.
+"""
 
 from kasou.client.control import ControlClient
 

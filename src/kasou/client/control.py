@@ -20,8 +20,6 @@ class RemoteError(KasouError):
         self.type = type_name
 
 
-
-
 class ControlClient:
     """One connection to a VM's control socket; ``request`` sends and waits for the reply."""
 
@@ -55,9 +53,7 @@ class ControlClient:
             raise RemoteLifecycleError(message)
         raise RemoteError(type_name, message)
 
-    def execute(
-        self, argv: list[str], stdin: str = "", timeout: float = 60.0
-    ) -> dict[str, Any]:
+    def execute(self, argv: list[str], stdin: str = "", timeout: float = 60.0) -> dict[str, Any]:
         """Run ``argv`` in the guest through its agent: ``{"status", "stdout", "stderr"}``."""
         self._socket.settimeout(timeout + 15)
         return self.request("exec", argv=argv, stdin=stdin, timeout=timeout)
@@ -78,5 +74,3 @@ class RemoteLifecycleError(RemoteError):
 
     def __init__(self, message: str) -> None:
         super().__init__("LifecycleError", message)
-
-

@@ -7,11 +7,11 @@ that every other device of the VM depends on.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import select
-import heapq
-import itertools
 import threading
 import time
 from collections import deque

@@ -78,7 +78,26 @@ class KvmRegs(ctypes.Structure):
     _fields_ = tuple(
         (name, c_uint64)
         for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+            [
+                "rax",
+                "rbx",
+                "rcx",
+                "rdx",
+                "rsi",
+                "rdi",
+                "rsp",
+                "rbp",
+                "r8",
+                "r9",
+                "r10",
+                "r11",
+                "r12",
+                "r13",
+                "r14",
+                "r15",
+                "rip",
+                "rflags",
+            ]
         )
     )
 
@@ -554,7 +573,7 @@ KVM_IRQCHIP_PIC_MASTER = 0
 KVM_IRQCHIP_PIC_SLAVE = 1
 KVM_IRQCHIP_IOAPIC = 2
 
-__all__ = sorted(
+__all__ = sorted(  # noqa: PLE0605 - every struct and constant defined above
     name
     for name in dir()
     if (name.isupper() and not name.startswith("_")) or name.startswith(("Kvm", "kvm_"))

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kasou.errors import HostError
-from kasou.kvm import bindings as b
-from kasou.kvm.system import Kvm
+from kasou.kvm.system import CAPABILITIES, REQUIRED, Kvm
 
-__all__ = ["Backend", "HostInfo", "probe_host"]
+__all__ = ["CAPABILITIES", "REQUIRED", "Backend", "HostInfo", "probe_host"]
 
 
 class Backend(enum.Enum):
@@ -33,33 +32,6 @@ class Backend(enum.Enum):
         """Whether an unmodified Linux guest reaches user space on this backend."""
         return self in (Backend.VMX, Backend.SVM)
 
-
-# The capabilities kasou relies on, with the name a user can look up.
-CAPABILITIES = {
-    "KVM_CAP_IRQCHIP": b.KVM_CAP_IRQCHIP,
-    "KVM_CAP_PIT2": b.KVM_CAP_PIT2,
-    "KVM_CAP_IRQFD": b.KVM_CAP_IRQFD,
-    "KVM_CAP_IOEVENTFD": b.KVM_CAP_IOEVENTFD,
-    "KVM_CAP_IMMEDIATE_EXIT": b.KVM_CAP_IMMEDIATE_EXIT,
-    "KVM_CAP_USER_MEMORY": b.KVM_CAP_USER_MEMORY,
-    "KVM_CAP_EXT_CPUID": b.KVM_CAP_EXT_CPUID,
-    "KVM_CAP_MP_STATE": b.KVM_CAP_MP_STATE,
-    "KVM_CAP_VCPU_EVENTS": b.KVM_CAP_VCPU_EVENTS,
-    "KVM_CAP_XSAVE": b.KVM_CAP_XSAVE,
-    "KVM_CAP_XCRS": b.KVM_CAP_XCRS,
-    "KVM_CAP_ADJUST_CLOCK": b.KVM_CAP_ADJUST_CLOCK,
-    "KVM_CAP_GET_TSC_KHZ": b.KVM_CAP_GET_TSC_KHZ,
-    "KVM_CAP_TSC_CONTROL": b.KVM_CAP_TSC_CONTROL,
-}
-REQUIRED = (
-    "KVM_CAP_IRQCHIP",
-    "KVM_CAP_PIT2",
-    "KVM_CAP_IRQFD",
-    "KVM_CAP_IOEVENTFD",
-    "KVM_CAP_IMMEDIATE_EXIT",
-    "KVM_CAP_USER_MEMORY",
-    "KVM_CAP_EXT_CPUID",
-)
 
 PVM_LIMITS = (
     "a Linux guest does not reach user space (ring-0 code is emulated; xsave, SSE and other "

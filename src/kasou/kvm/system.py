@@ -18,7 +18,34 @@ from kasou._sys import ioctl, ioctl_noretry
 from kasou.errors import HostError, KvmError
 from kasou.kvm import bindings as b
 
-__all__ = ["Kvm", "VcpuFd", "VmFd"]
+__all__ = ["CAPABILITIES", "REQUIRED", "Kvm", "VcpuFd", "VmFd"]
+
+# The capabilities kasou relies on, with the name a user can look up.
+CAPABILITIES = {
+    "KVM_CAP_IRQCHIP": b.KVM_CAP_IRQCHIP,
+    "KVM_CAP_PIT2": b.KVM_CAP_PIT2,
+    "KVM_CAP_IRQFD": b.KVM_CAP_IRQFD,
+    "KVM_CAP_IOEVENTFD": b.KVM_CAP_IOEVENTFD,
+    "KVM_CAP_IMMEDIATE_EXIT": b.KVM_CAP_IMMEDIATE_EXIT,
+    "KVM_CAP_USER_MEMORY": b.KVM_CAP_USER_MEMORY,
+    "KVM_CAP_EXT_CPUID": b.KVM_CAP_EXT_CPUID,
+    "KVM_CAP_MP_STATE": b.KVM_CAP_MP_STATE,
+    "KVM_CAP_VCPU_EVENTS": b.KVM_CAP_VCPU_EVENTS,
+    "KVM_CAP_XSAVE": b.KVM_CAP_XSAVE,
+    "KVM_CAP_XCRS": b.KVM_CAP_XCRS,
+    "KVM_CAP_ADJUST_CLOCK": b.KVM_CAP_ADJUST_CLOCK,
+    "KVM_CAP_GET_TSC_KHZ": b.KVM_CAP_GET_TSC_KHZ,
+    "KVM_CAP_TSC_CONTROL": b.KVM_CAP_TSC_CONTROL,
+}
+REQUIRED = (
+    "KVM_CAP_IRQCHIP",
+    "KVM_CAP_PIT2",
+    "KVM_CAP_IRQFD",
+    "KVM_CAP_IOEVENTFD",
+    "KVM_CAP_IMMEDIATE_EXIT",
+    "KVM_CAP_USER_MEMORY",
+    "KVM_CAP_EXT_CPUID",
+)
 
 
 def _call(name: str, fd: int, request: int, arg: object = None) -> int:
@@ -85,6 +112,11 @@ class Kvm(_Fd):
         if value <= 0:
             raise HostError(f"this host's KVM lacks {name}, which kasou needs")
         return value
+
+    def require_all(self) -> None:
+        """Raise ``HostError`` naming the first capability in ``REQUIRED`` this KVM lacks."""
+        for name in REQUIRED:
+            self.require(CAPABILITIES[name], name)
 
     def get_vcpu_mmap_size(self) -> int:
         return _call("KVM_GET_VCPU_MMAP_SIZE", self.fd, b.KVM_GET_VCPU_MMAP_SIZE)
@@ -233,7 +265,7 @@ class VcpuFd(_Fd):
         super().close()
 
     def run(self) -> int:
-        """KVM_RUN once: 0 on an exit to user space, ``-errno`` otherwise (``-EINTR`` for a kick)."""
+        """KVM_RUN once: 0 on an exit to user space, else ``-errno`` (``-EINTR``: a kick)."""
         return ioctl_noretry(self.fd, b.KVM_RUN)
 
     @property

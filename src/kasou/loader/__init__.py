@@ -14,9 +14,8 @@ line and the initrd must be identity mapped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from kasou.errors import ImageError
 from kasou.loader.bootparams import (
@@ -62,8 +61,7 @@ KernelKind = Literal["elf", "bzimage"]
 _MIB = 1 << 20
 
 
-@dataclass(frozen=True)
-class LoadedKernel:
+class LoadedKernel(NamedTuple):
     """A kernel copied into guest memory, and what the rest of the boot needs to know."""
 
     kind: KernelKind

@@ -10,7 +10,7 @@ real-mode setup code (the 64-bit entry skips it) and does not build ``boot_param
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kasou.errors import ImageError
 from kasou.loader.bootparams import (
@@ -47,8 +47,7 @@ _MAX_ALIGNMENT = 1 << 30
 _SETUP_HEADER_SIZE = ctypes.sizeof(SetupHeader)
 
 
-@dataclass(frozen=True)
-class BzImage:
+class BzImage(NamedTuple):
     """The setup-header facts a 64-bit loader needs, validated."""
 
     header: bytes  # the setup header as in the file, from 0x1f1 to its declared end

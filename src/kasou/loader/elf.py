@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kasou.errors import ImageError
 from kasou.memory import GuestMemory
@@ -41,8 +41,7 @@ _PHDR = struct.Struct("<IIQQQQQQ")
 assert _EHDR_SIZE == 64 and _PHDR.size == 56
 
 
-@dataclass(frozen=True)
-class ElfSegment:
+class ElfSegment(NamedTuple):
     """One PT_LOAD segment: ``filesz`` bytes from ``offset`` go to ``paddr``, then zeros up to
     ``memsz``."""
 
@@ -58,8 +57,7 @@ class ElfSegment:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True)
-class ElfKernel:
+class ElfKernel(NamedTuple):
     """A validated ELF kernel: its physical entry point and loadable segments."""
 
     entry: int

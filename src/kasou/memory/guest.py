@@ -93,15 +93,11 @@ class GuestMemory:
         for index, region in enumerate(self.regions):
             if region.gpa <= gpa and gpa + size <= region.end and size >= 0:
                 return index, gpa - region.gpa
-        raise GuestMemoryError(
-            f"guest-physical range {gpa:#x}+{size:#x} is not inside guest RAM"
-        )
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not inside guest RAM")
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         """Whether ``[gpa, gpa + size)`` lies wholly inside one RAM region."""
-        return any(
-            region.gpa <= gpa and gpa + size <= region.end for region in self.regions
-        )
+        return any(region.gpa <= gpa and gpa + size <= region.end for region in self.regions)
 
     def view(self, gpa: int, size: int) -> memoryview:
         """A zero-copy, writable view of ``size`` bytes at ``gpa`` (inside one region)."""

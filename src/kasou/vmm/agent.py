@@ -15,26 +15,31 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from kasou.agent import protocol
 from kasou.errors import GuestError
 from kasou.event import EventLoop
+
+if TYPE_CHECKING:
+    from kasou.agent import protocol
+
+# kasou.agent.protocol is imported where it is first needed: its frame types cost a few
+# milliseconds of start-up, and the agent speaks seconds after the VM starts.
 
 __all__ = ["AgentChannel", "ExecResult"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class ExecResult:
-    """What a command run in the guest did."""
+    """What a command run in the guest did (filled in as its frames arrive)."""
 
-    status: int | None = None
-    stdout: bytearray = field(default_factory=bytearray)
-    stderr: bytearray = field(default_factory=bytearray)
-    error: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.error: str | None = None
+        self.done = threading.Event()
 
 
 class AgentChannel:
@@ -43,7 +48,7 @@ class AgentChannel:
     def __init__(self, loop: EventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._decoder = protocol.FrameDecoder()
+        self._decoder: protocol.FrameDecoder | None = None  # made on the first byte
         self._serial: Callable[[bytes], int] | None = None
         self._outgoing = bytearray()
         self._commands: dict[int, ExecResult] = {}
@@ -58,7 +63,7 @@ class AgentChannel:
         """A new boot: a fresh UART and agent. Commands of the previous boot fail."""
         with self._lock:
             self._serial = enqueue_input
-            self._decoder = protocol.FrameDecoder()
+            self._decoder = None
             self._outgoing.clear()
             self.ready_ns = None
             self.version = None
@@ -81,6 +86,10 @@ class AgentChannel:
 
     def output(self, data: bytes) -> None:
         """Bytes the guest wrote to COM2."""
+        from kasou.agent import protocol
+
+        if self._decoder is None:
+            self._decoder = protocol.FrameDecoder()
         try:
             frames = self._decoder.feed(data)
         except protocol.AgentProtocolError as error:
@@ -95,6 +104,8 @@ class AgentChannel:
             self._dispatch(message)
 
     def _dispatch(self, message: protocol.GuestMessage) -> None:
+        from kasou.agent import protocol
+
         with self._lock:
             if isinstance(message, protocol.Ready):
                 self.ready_ns = time.monotonic_ns()
@@ -145,6 +156,8 @@ class AgentChannel:
 
     def execute(self, argv: Sequence[str], stdin: bytes = b"", timeout: float = 60.0) -> ExecResult:
         """Run ``argv`` in the guest, feed it ``stdin``, wait for its exit."""
+        from kasou.agent import protocol
+
         if self.ready_ns is None:
             self.wait_ready(timeout)
         result = ExecResult()

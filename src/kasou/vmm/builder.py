@@ -13,8 +13,7 @@ import contextlib
 import ctypes
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kasou.arch.x86_64 import cpuid as arch_cpuid
 from kasou.arch.x86_64 import gdt, layout, mptable, msrs, paging
@@ -26,7 +25,6 @@ from kasou.devices.legacy.serial import Serial
 from kasou.errors import HostError
 from kasou.kvm import Kvm, VcpuFd, VmFd
 from kasou.kvm import bindings as b
-from kasou.kvm.host import REQUIRED, CAPABILITIES
 from kasou.loader import load_initrd, load_kernel
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
@@ -46,8 +44,7 @@ TSS_ADDRESS = layout.KVM_TSS
 IDENTITY_MAP_ADDRESS = layout.KVM_IDENTITY_MAP
 
 
-@dataclass(frozen=True)
-class ExtraDevice:
+class ExtraDevice(NamedTuple):
     """A device the caller made (tests, tools), to be put on a bus at ``base``."""
 
     device: BusDevice
@@ -95,8 +92,7 @@ def build_vm(
     with contextlib.ExitStack() as cleanup:
         kvm = Kvm(kvm_path)
         cleanup.callback(kvm.close)
-        for name in REQUIRED:
-            kvm.require(CAPABILITIES[name], name)
+        kvm.require_all()
         config.check_host(kvm.max_vcpus())
 
         vm_fd = kvm.create_vm()
@@ -210,8 +206,13 @@ def _create_vcpus(vm: Vm, entry: int) -> None:
         fd.set_cpuid2(
             [
                 b.KvmCpuidEntry2(
-                    function=e.function, index=e.index, flags=e.flags,
-                    eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx,
+                    function=e.function,
+                    index=e.index,
+                    flags=e.flags,
+                    eax=e.eax,
+                    ebx=e.ebx,
+                    ecx=e.ecx,
+                    edx=e.edx,
                 )
                 for e in entries
             ]

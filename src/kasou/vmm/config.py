@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from kasou.errors import ConfigError
 from kasou.memory import format_size, host_memory_bytes, parse_size
@@ -27,8 +27,7 @@ ConsoleKind = Literal["stdio", "file", "none"]
 OnReboot = Literal["exit", "restart"]
 
 
-@dataclass(frozen=True)
-class ConsoleConfig:
+class ConsoleConfig(NamedTuple):
     """Where COM1 goes: the terminal, a file, or nowhere."""
 
     kind: ConsoleKind = "stdio"
@@ -127,7 +126,9 @@ def _check_readable(name: str, path: Path) -> None:
     try:
         path.stat()
     except PermissionError:
-        raise ConfigError(name, f"{path} is not reachable: check the permissions of its folders") from None
+        raise ConfigError(
+            name, f"{path} is not reachable: check the permissions of its folders"
+        ) from None
     except OSError:
         pass  # reported below, in words
     if not path.exists():

@@ -176,5 +176,3 @@ def _listen(path: Path) -> socket.socket:
         listener.close()
         raise ConfigError("api-sock", f"cannot listen on {path}: {error.strerror}") from error
     return listener
-
-

@@ -76,6 +76,10 @@ def parse_request(message: object) -> Request:
     if not isinstance(stdin, str):
         raise ConfigError("stdin", "stdin must be a string")
     timeout = message.get("timeout", 60.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= 86400
+    ):
         raise ConfigError("timeout", "timeout must be a number of seconds, above 0, at most 86400")
     return Request(kind, tuple(argv), stdin, float(timeout))

@@ -19,16 +19,16 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from kasou.event import EventLoop
+from kasou.vmm.agent import AgentChannel
 from kasou.vmm.builder import build_vm
 from kasou.vmm.config import VmConfig
 from kasou.vmm.console import Console
-from kasou.vmm.agent import AgentChannel
-from kasou.vmm.requests import Reply, Request, RequestKind
 from kasou.vmm.vcpu import ExitKind, GuestExit, install_kick_handler
 from kasou.vmm.vm import Vm
 
 if TYPE_CHECKING:
     from kasou.vmm.control import ControlServer, Deferred
+    from kasou.vmm.requests import Reply, Request
 
 __all__ = ["run"]
 
@@ -57,6 +57,8 @@ class _Session:
             vm.stop(reason)
 
     def handle(self, request: Request) -> Reply | Deferred:
+        from kasou.vmm.requests import Reply, RequestKind  # only VMs with a control socket
+
         vm = self.vm
         if request.kind is RequestKind.STOP:
             self.stop("stopped on request")
@@ -78,9 +80,9 @@ class _Session:
         return Reply(True, status)
 
     def _exec(self, request: Request) -> Reply:
-        result = self.agent.execute(
-            request.argv, request.stdin.encode(), timeout=request.timeout
-        )
+        from kasou.vmm.requests import Reply
+
+        result = self.agent.execute(request.argv, request.stdin.encode(), timeout=request.timeout)
         return Reply(
             True,
             {

@@ -25,8 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kasou._sys import ioctl_noretry, set_thread_name
 from kasou.devices.bus import Bus
@@ -67,8 +66,7 @@ class ExitKind(enum.Enum):
         return 1 if self in (ExitKind.CRASH, ExitKind.ERROR) else 0
 
 
-@dataclass(frozen=True)
-class GuestExit:
+class GuestExit(NamedTuple):
     """How a VM ended; ``report`` (crashes) names the vCPU and its registers."""
 
     kind: ExitKind
@@ -230,7 +228,7 @@ class Vcpu:
             while True:
                 result = run(fd, request)
                 if result < 0:
-                    if result == -errno.EINTR or result == -errno.EAGAIN:
+                    if result in (-errno.EINTR, -errno.EAGAIN):
                         page[b.RUN_IMMEDIATE_EXIT] = 0
                         if not self._handle_commands():
                             return None
@@ -304,7 +302,9 @@ class Vcpu:
             except queue.Empty:
                 return
             if request.command is not _Command.STOP:
-                request.error = LifecycleError("stopped", "running or paused", request.command.value)
+                request.error = LifecycleError(
+                    "stopped", "running or paused", request.command.value
+                )
             request.done.set()
 
     def _other_exit(self, reason: int) -> GuestExit | None:
@@ -346,7 +346,8 @@ def register_report(fd: VcpuFd) -> str:
     lines = [f"vCPU {fd.vcpu_id} registers:"]
     for row in range(0, len(names), 4):  # four registers a line
         lines.append(
-            "  " + "  ".join(f"{name:>6}={getattr(regs, name):016x}" for name in names[row : row + 4])
+            "  "
+            + "  ".join(f"{name:>6}={getattr(regs, name):016x}" for name in names[row : row + 4])
         )
     lines.append(
         f"     cr0={sregs.cr0:016x}     cr2={sregs.cr2:016x}     cr3={sregs.cr3:016x}"

@@ -146,7 +146,9 @@ class Vm:
             "vcpus": len(self.vcpus),
             "memory": self.memory.size,
             "exits": sum(vcpu.exits for vcpu in self.vcpus),
-            "ending": None if ending is None else {"kind": ending.kind.value, "reason": ending.reason},
+            "ending": None
+            if ending is None
+            else {"kind": ending.kind.value, "reason": ending.reason},
         }
 
     def close(self) -> None:

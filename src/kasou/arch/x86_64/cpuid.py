@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 __all__ = [
     "APIC_BUS_KHZ",
@@ -95,8 +96,7 @@ def _is_amd(supported: Sequence[CpuidEntry]) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class _Topology:
+class _Topology(NamedTuple):
     vcpu_id: int
     vcpus: int
     core_bits: int

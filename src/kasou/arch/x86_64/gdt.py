@@ -11,7 +11,6 @@ describes the registers as plain data (``Segment``); loading them into a vCPU is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from kasou.arch.x86_64.layout import GDT, GDT_SIZE, IDT, IDT_SIZE, TSS, TSS_SIZE
@@ -81,8 +80,7 @@ GDT_LIMIT = 8 * len(gdt_entries()) - 1  # the GDTR limit write_gdt returns
 assert GDT_LIMIT < GDT_SIZE
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A segment register's hidden state, decoded from its descriptor (the fields of
     ``struct kvm_segment``). ``limit`` is in bytes, already scaled by the granularity."""
 
