@@ -58,7 +58,7 @@ def test_a_debian_stock_kernel_boots_to_its_console_and_an_initramfs_shell(
 ) -> None:
     from kasou.nested import stock_bzimage
 
-    guest = launch(kernel=stock_bzimage(), memory="512M")
+    guest = launch(kernel=stock_bzimage(), memory="512M", cmdline="console=ttyS0 reboot=k panic=-1")
     release = guest.output("uname", "-r")
     assert release.endswith("-amd64")
     assert "Linux version " in guest.console_text()

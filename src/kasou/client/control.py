@@ -39,8 +39,11 @@ class ControlClient:
 
     def request(self, name: str, **arguments: Any) -> dict[str, Any]:
         """Send ``{"request": name, **arguments}``; return the result or raise the VM's error."""
-        self._socket.sendall(json.dumps({"request": name, **arguments}).encode() + b"\n")
-        line = self._reader.readline()
+        try:
+            self._socket.sendall(json.dumps({"request": name, **arguments}).encode() + b"\n")
+            line = self._reader.readline()
+        except OSError as error:  # reset, broken pipe, timed out: the VM turned us away or died
+            raise HostError(f"{self.path}: lost the connection to the VM: {error}") from error
         if not line:
             raise HostError(f"{self.path}: the VM closed the connection")
         reply = json.loads(line)

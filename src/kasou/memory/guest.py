@@ -110,8 +110,9 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest RAM at ``gpa``."""
-        length = len(memoryview(data).cast("B")) if isinstance(data, memoryview) else len(data)
-        self.view(gpa, length)[:] = data
+        if isinstance(data, memoryview):
+            data = data.cast("B")  # the view below is bytes: item formats must match to copy
+        self.view(gpa, len(data))[:] = data
 
     def read_int(self, gpa: int, size: int) -> int:
         """A little-endian unsigned integer of ``size`` bytes."""

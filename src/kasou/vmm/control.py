@@ -83,6 +83,8 @@ class ControlServer:
         client, buffer = self._clients[fd]
         while b"\n" in buffer:
             line, _, rest = bytes(buffer).partition(b"\n")
+            if len(line) > MAX_LINE:
+                break  # refused below, whether it came in one read or in several
             buffer[:] = rest
             if not line.strip():
                 continue
@@ -105,7 +107,9 @@ class ControlServer:
     def _finish(self, fd: int, client: socket.socket, work: Deferred) -> None:
         try:
             reply = work()
-        except KasouError as error:
+        except Exception as error:  # answered even if it is a bug: the client waits for it
+            if not isinstance(error, KasouError):
+                log.exception("control request failed")
             reply = Reply(False, error_type=type(error).__name__, error=str(error))
         self._reply(client, reply)
         self._loop.call_soon(lambda: self._resume(fd, client))
@@ -119,7 +123,7 @@ class ControlServer:
     def _serve(self, line: bytes) -> Reply | Deferred:
         try:
             request = parse_request(json.loads(line))
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
             return Reply(False, error_type="ConfigError", error=f"not a JSON request: {error}")
         except ConfigError as error:
             return Reply(False, error_type="ConfigError", error=str(error))
