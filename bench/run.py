@@ -12,7 +12,9 @@ Sections (issue: core VMM):
 - start: `kasou run` process exec to the boot vCPU's first KVM_RUN (CLOCK_MONOTONIC, stamped
   by kasou when KASOU_TRACE_START is set);
 - memory: resident memory of the VMM process outside guest RAM (mappings at least as large as
-  the guest's memory), with a 512 MiB guest that has booted.
+  the guest's memory), with a 512 MiB guest that has booted;
+- boot: the default Linux guest, kasou beside QEMU -M microvm (bench/boot.py), directly on a
+  host whose KVM boots Linux, else inside `kasou nested`.
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200_000, help="exits per loop")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=("exits", "start", "memory"), action="append")
+    parser.add_argument("--only", choices=("exits", "start", "memory", "boot"), action="append")
+    parser.add_argument("--boot-runs", type=int, default=10)
     args = parser.parse_args()
     with_qemu = shutil.which(qemu_peer.QEMU) is not None and qemu_peer.kvm_usable()
     if not with_qemu:
@@ -163,14 +166,32 @@ def main() -> int:
     from kasou.kvm.host import probe_host
 
     print(probe_host().backend.value)
-    sections = args.only or ["exits", "start", "memory"]
+    sections = args.only or ["exits", "start", "memory", "boot"]
     if "exits" in sections:
         bench_exits(elf, args.count, args.repeats, with_qemu)
     if "start" in sections:
         bench_start(elf, max(args.repeats, 10))
     if "memory" in sections:
         bench_memory(elf, args.repeats, with_qemu)
+    if "boot" in sections:
+        bench_boot(args.boot_runs)
     return 0
+
+
+def bench_boot(runs: int) -> None:
+    """bench/boot.py, where Linux boots: here, or inside the nested host."""
+    from kasou.kvm.host import probe_host
+
+    command = [sys.executable, str(Path(__file__).with_name("boot.py")), "--runs", str(runs)]
+    subprocess.run([kasou_peer.KASOU, "image", "build"], check=True)
+    if probe_host().backend.boots_linux:
+        subprocess.run(command, check=True)
+        return
+    print(
+        "\n(boot: this host's KVM cannot boot Linux; measuring inside `kasou nested`, "
+        "where the host CPU itself is emulated by QEMU TCG)"
+    )
+    subprocess.run([kasou_peer.KASOU, "nested", "--", *command], check=True)
 
 
 if __name__ == "__main__":

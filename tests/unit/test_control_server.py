@@ -253,9 +253,7 @@ def test_a_deferred_request_that_fails_unexpectedly_still_gets_a_reply(
     assert raw.reply()["ok"] is True
 
 
-def test_a_client_that_leaves_during_a_deferred_request(
-    server: ControlServer, vm: FakeVm
-) -> None:
+def test_a_client_that_leaves_during_a_deferred_request(server: ControlServer, vm: FakeVm) -> None:
     vm.gate.clear()
     leaving = Raw(server.path)
     leaving.send(b'{"request": "exec", "argv": ["echo"]}\n')
@@ -272,11 +270,13 @@ def test_clients_beyond_the_limit_are_turned_away(server: ControlServer) -> None
         for _ in range(MAX_CLIENTS):
             clients.append(ControlClient(server.path, timeout=DEADLINE))
             assert clients[-1].request("status") == {"state": "running"}  # accepted
-        with ControlClient(server.path, timeout=DEADLINE) as extra:
-            # Closed by the server before or after the request arrives: a HostError either
-            # way, never a bare socket error.
-            with pytest.raises(HostError, match="closed the connection|lost the connection"):
-                extra.request("status")
+        # Closed by the server before or after the request arrives: a HostError either way,
+        # never a bare socket error.
+        with (
+            ControlClient(server.path, timeout=DEADLINE) as extra,
+            pytest.raises(HostError, match=r"closed the connection|lost the connection"),
+        ):
+            extra.request("status")
         clients.pop().close()
         # The server frees the slot when it sees that client's end; until then a newcomer is
         # turned away like the extra one. Each try is a full round trip, so this cannot spin.

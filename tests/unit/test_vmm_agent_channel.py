@@ -3,6 +3,7 @@ loop and a fake UART; the guest's side is played with frames from kasou.agent.pr
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,10 @@ class FakeUart:
             self.received += taken
             self.changed.notify_all()
             return len(taken)
+
+    def clear(self) -> None:
+        with self.changed:
+            self.received.clear()
 
     def frames(self) -> list[Frame]:
         with self.changed:
@@ -107,9 +112,20 @@ def _barrier(loop: EventLoop) -> None:
     assert done.wait(DEADLINE)
 
 
-def _start(channel: AgentChannel, uart: FakeUart, argv: list[str], **options: Any) -> tuple[
-    Background, int
-]:
+def _drain(channel: AgentChannel, uart: FakeUart, loop: EventLoop) -> None:
+    """Play the UART telling the channel it has room (as a 16550 does when its receive FIFO
+    empties) until the last frame of a command, STDIN_EOF, has gone through."""
+    for _ in range(1000):
+        if any(f.type == FrameType.STDIN_EOF for f in uart.frames()):
+            return
+        channel.input_ready()
+        _barrier(loop)
+    pytest.fail("STDIN_EOF never reached the UART")
+
+
+def _start(
+    channel: AgentChannel, uart: FakeUart, argv: list[str], **options: Any
+) -> tuple[Background, int]:
     """Start ``execute`` and return it with the command id the guest sees."""
     call = Background(lambda: channel.execute(argv, **options))
     exec_frame = uart.wait_for_frame(FrameType.EXEC)
@@ -124,13 +140,13 @@ def _start(channel: AgentChannel, uart: FakeUart, argv: list[str], **options: An
 @given(st.lists(st.integers(0, len(ap.ready_frame())), max_size=6))
 def test_ready_in_any_pieces_marks_the_boot(cuts: list[int]) -> None:
     raw = ap.ready_frame()
-    edges = [0, *sorted(cuts), len(raw)]
+    edges = sorted({0, *cuts, len(raw)})
     loop = EventLoop()
     try:
         channel = AgentChannel(loop)
-        channel.attach(lambda data: len(data))
+        channel.attach(len)  # a UART with room for everything
         before = time.monotonic_ns()
-        for start, end in zip(edges, edges[1:], strict=False):
+        for start, end in itertools.pairwise(edges):
             assert channel.ready_ns is None
             channel.output(raw[start:end])
         assert channel.ready_ns is not None
@@ -156,10 +172,12 @@ def test_wait_ready_gives_up_after_its_timeout(channel: AgentChannel) -> None:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def test_execute_sends_exec_stdin_and_eof(ready: AgentChannel, uart: FakeUart) -> None:
+def test_execute_sends_exec_stdin_and_eof(
+    ready: AgentChannel, uart: FakeUart, loop: EventLoop
+) -> None:
     stdin = bytes(range(256)) * 40  # more than one STDIN frame holds
     call, command = _start(ready, uart, ["cat", "-n"], stdin=stdin, timeout=DEADLINE)
-    uart.wait_for_frame(FrameType.STDIN_EOF)
+    _drain(ready, uart, loop)
     frames = uart.frames()
     assert [f.type for f in frames] == [FrameType.EXEC] + [FrameType.STDIN] * 3 + [
         FrameType.STDIN_EOF
@@ -196,7 +214,7 @@ def test_execute_collects_output_and_status(ready: AgentChannel, uart: FakeUart)
 
 def test_commands_get_distinct_ids(ready: AgentChannel, uart: FakeUart) -> None:
     first, one = _start(ready, uart, ["true"], timeout=DEADLINE)
-    uart.received.clear()
+    uart.clear()
     second, two = _start(ready, uart, ["false"], timeout=DEADLINE)
     assert one != two
     ready.output(ap.exit_frame(two, 1) + ap.exit_frame(one, 0))
@@ -210,19 +228,18 @@ def test_an_error_frame_fails_the_command(ready: AgentChannel, uart: FakeUart) -
         call.join()
 
 
-def test_a_timeout_kills_the_command_and_raises(
-    ready: AgentChannel, uart: FakeUart, loop: EventLoop
-) -> None:
-    with pytest.raises(GuestError, match="sleep did not finish within .* it was killed"):
+def test_a_timeout_kills_the_command_and_raises(ready: AgentChannel, uart: FakeUart) -> None:
+    with pytest.raises(GuestError, match=r"sleep did not finish within .* it was killed"):
         ready.execute(["sleep", "1000"], timeout=0.05)
     signal = uart.wait_for_frame(FrameType.SIGNAL)
     (exec_frame,) = [f for f in uart.frames() if f.type == FrameType.EXEC]
     command, _ = ap.parse_exec(exec_frame.payload)
     assert ap.parse_signal(signal.payload) == (command, 9)
     ready.output(ap.exit_frame(command, 137))  # its late end is dropped quietly
-    call, _ = _start(ready, uart, ["true"], timeout=DEADLINE)  # and the line still works
-    (_, exec_again) = [f for f in uart.frames() if f.type == FrameType.EXEC]
-    ready.output(ap.exit_frame(ap.parse_exec(exec_again.payload)[0], 0))
+    uart.clear()
+    call, again = _start(ready, uart, ["true"], timeout=DEADLINE)  # and the line still works
+    assert again != command
+    ready.output(ap.exit_frame(again, 0))
     assert call.join().status == 0
 
 
@@ -260,11 +277,7 @@ def test_input_waits_until_the_uart_has_room(
     assert uart.received == b""
     uart.full = False
     uart.per_call = 16  # room for a few bytes at a time, as a 16550's FIFO has
-    for _ in range(100):
-        if any(f.type == FrameType.STDIN_EOF for f in uart.frames()):
-            break
-        ready.input_ready()  # the UART drained its FIFO
-        _barrier(loop)
+    _drain(ready, uart, loop)
     frames = uart.frames()
     assert [f.type for f in frames] == [FrameType.EXEC, FrameType.STDIN, FrameType.STDIN_EOF]
     command, _ = ap.parse_exec(frames[0].payload)
@@ -290,7 +303,7 @@ def test_garbage_never_raises_out_of_output(pieces: list[bytes]) -> None:
     loop = EventLoop()
     try:
         channel = AgentChannel(loop)
-        channel.attach(lambda data: len(data))
+        channel.attach(len)
         for piece in pieces:
             channel.output(piece)
     finally:

@@ -161,6 +161,6 @@ def test_check_host_refuses_more_vcpus_than_kvm_allows(kernel: Path) -> None:
 def test_check_host_refuses_more_memory_than_the_host_has(kernel: Path) -> None:
     too_much = (host_memory_bytes() // 4096 + 1) * 4096
     config = VmConfig(kernel=kernel, memory=too_much)  # valid anywhere ...
-    with pytest.raises(ConfigError, match="more than this host has .* give less") as caught:
+    with pytest.raises(ConfigError, match=r"more than this host has .* give less") as caught:
         config.check_host(max_vcpus=254)  # ... but not here
     assert caught.value.field == "memory"

@@ -9,8 +9,10 @@ import pytest
 from kasou.errors import LifecycleError
 from kasou.vmm.lifecycle import Transition, VmState, next_state
 
-CREATED, RUNNING, PAUSED, STOPPED = VmState.CREATED, VmState.RUNNING, VmState.PAUSED, VmState.STOPPED
-START, PAUSE, RESUME, STOP = Transition.START, Transition.PAUSE, Transition.RESUME, Transition.STOP
+CREATED, RUNNING = VmState.CREATED, VmState.RUNNING
+PAUSED, STOPPED = VmState.PAUSED, VmState.STOPPED
+START, PAUSE = Transition.START, Transition.PAUSE
+RESUME, STOP = Transition.RESUME, Transition.STOP
 
 # Written out from the diagram in DESIGN.md (created -> running <-> paused -> stopped), not read
 # from the module, so a change to the table has to change this too.

@@ -36,7 +36,8 @@ def test_exec_with_everything() -> None:
 
 @pytest.mark.parametrize("timeout", [0.001, 1, 86400, 86400.0])
 def test_exec_timeouts_in_range(timeout: float) -> None:
-    assert parse_request({"request": "exec", "argv": ["true"], "timeout": timeout}).timeout == timeout
+    request = parse_request({"request": "exec", "argv": ["true"], "timeout": timeout})
+    assert request.timeout == timeout
 
 
 def _refused(message: object) -> ConfigError:

@@ -27,13 +27,17 @@ def main(argv: list[str] | None = None) -> int:
         result = app(args=args, prog_name="kasou", standalone_mode=False)
     except SystemExit as leave:
         return int(leave.code or 0)
-    except Exception as error:  # click's usage errors, already formatted
-        import click
+    except Exception as error:  # usage errors, formatted by typer
+        import typer  # typer carries its own copy of click: its errors are not click's
 
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
+        if isinstance(error, typer.TyperException):
+            show = getattr(error, "show", None)  # a usage error prints the usage line too
+            if callable(show):
+                show()
+            else:
+                sys.stderr.write(f"kasou: error: {error.format_message()}\n")
             return 2
-        if isinstance(error, click.exceptions.Abort):
+        if isinstance(error, typer.Abort):
             return 130
         raise
     return int(result or 0)

@@ -42,8 +42,8 @@ class ControlClient:
         try:
             self._socket.sendall(json.dumps({"request": name, **arguments}).encode() + b"\n")
             line = self._reader.readline()
-        except OSError as error:  # reset, broken pipe, timed out: the VM turned us away or died
-            raise HostError(f"{self.path}: lost the connection to the VM: {error}") from error
+        except OSError as lost:  # reset, broken pipe, timed out: the VM turned us away or died
+            raise HostError(f"{self.path}: lost the connection to the VM: {lost}") from lost
         if not line:
             raise HostError(f"{self.path}: the VM closed the connection")
         reply = json.loads(line)

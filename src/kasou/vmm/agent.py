@@ -119,8 +119,8 @@ class AgentChannel:
                 return  # a late frame of a finished command, or a guest making things up
             if isinstance(message, protocol.Output):
                 target = result.stdout if message.stream == "stdout" else result.stderr
-                if len(target) + len(message.data) <= MAX_OUTPUT:
-                    target += message.data
+                # Cut at the cap, so what is kept is a prefix of what the command wrote.
+                target += message.data[: max(0, MAX_OUTPUT - len(target))]
                 return
             del self._commands[message.id]
         if isinstance(message, protocol.Exit):
