@@ -280,3 +280,30 @@ def test_every_command_help_shows_an_example() -> None:
         result = run(command, "--help")
         assert result.returncode == 0
         assert b"Example" in result.stdout or b"example" in result.stdout, command
+
+
+def test_serial_input_from_a_regular_file_arrives_whole_and_in_order(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    message = bytes(range(32, 127)) * 12  # 1140 bytes: many times the UART FIFO
+    source = tmp_path / "input.txt"
+    source.write_bytes(message)
+    with open(source, "rb") as stdin:  # a regular file: epoll refuses it, kasou reads on demand
+        result = subprocess.run(
+            [
+                KASOU,
+                "run",
+                "--kernel",
+                str(guest_elf),
+                "--memory",
+                "64M",
+                "--cmdline",
+                cmdline("echo", n=len(message)),
+            ],
+            stdin=stdin,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert message in result.stdout

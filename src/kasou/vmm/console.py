@@ -30,15 +30,7 @@ class SerialInput(Protocol):
     def enqueue_input(self, data: bytes) -> int: ...
 
 
-def _read_all(fd: int, limit: int = 1 << 20) -> bytes:
-    chunks, size = [], 0
-    while size < limit:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
+READ_SIZE = 4096
 
 
 class Console:
@@ -53,7 +45,12 @@ class Console:
         self._pending = b""
         self._serial: SerialInput | None = None
         self._loop: EventLoop | None = None
-        self._stdin_open = False
+        # How stdin is read: "poll" (a terminal, pipe or socket: epoll says when), "file" (a
+        # regular file or /dev/null, which epoll refuses: read as the UART takes input), or
+        # None once it reached its end. While input waits for room in the UART, stdin is not
+        # watched, so a paste cannot spin the event loop.
+        self._source: str | None = None
+        self._watching = False
         if config.kind == "file" and config.path is not None:
             self._file = open(config.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self.interactive = config.kind == "stdio" and os.isatty(0)
@@ -72,7 +69,8 @@ class Console:
         """Start feeding host input to ``serial`` from ``loop`` (again after a reboot)."""
         self._serial = serial
         self._pending = b""
-        if self._loop is loop and self._stdin_open:
+        if self._loop is loop:
+            loop.call_soon(self._refill)
             return
         self._loop = loop
         if self.config.kind != "stdio":
@@ -82,21 +80,28 @@ class Console:
             atexit.register(self.restore)
             tty.setraw(0)
         os.set_blocking(0, False)
-        self._stdin_open = True
+        self._source = "poll"
         try:
-            loop.add_reader(0, self._on_stdin)
+            self._watch(True)
         except PermissionError:
-            # A regular file or /dev/null: epoll refuses it. Its contents are all there
-            # already, so they are queued at once and fed as the UART takes them.
-            self._stdin_open = False
-            self._pending = _read_all(0)
-            loop.call_soon(self._feed)
+            self._source = "file"
+            loop.call_soon(self._refill)
+
+    def _watch(self, on: bool) -> None:
+        if self._loop is None or on == self._watching:
+            return
+        if on:
+            self._loop.add_reader(0, self._on_stdin)
+        else:
+            self._loop.remove(0)
+        self._watching = on
 
     def _on_stdin(self, events: int) -> None:
-        if self._pending:
-            return  # still waiting for room in the UART; the retry timer reads on
+        self._read()
+
+    def _read(self) -> None:
         try:
-            data = os.read(0, 256)
+            data = os.read(0, READ_SIZE)
         except BlockingIOError:
             return
         if not data:
@@ -105,7 +110,15 @@ class Console:
         if self.interactive:
             data = self._filter_escapes(data)
         self._pending = data
+        self._watch(False)
         self._feed()
+
+    def _refill(self) -> None:
+        """The UART took everything: read on."""
+        if self._source == "poll":
+            self._watch(True)
+        elif self._source == "file":
+            self._read()
 
     def _filter_escapes(self, data: bytes) -> bytes:
         out = bytearray()
@@ -123,17 +136,20 @@ class Console:
         return bytes(out)
 
     def _feed(self) -> None:
-        if self._serial is None or not self._pending:
+        if self._serial is None:
             return
-        taken = self._serial.enqueue_input(self._pending)
-        self._pending = self._pending[taken:]
-        if self._pending and self._loop is not None:
-            self._loop.call_later(RETRY_SECONDS, self._feed)
+        if self._pending:
+            taken = self._serial.enqueue_input(self._pending)
+            self._pending = self._pending[taken:]
+        if self._pending:
+            if self._loop is not None:
+                self._loop.call_later(RETRY_SECONDS, self._feed)
+        else:
+            self._refill()
 
     def _close_stdin(self) -> None:
-        if self._stdin_open and self._loop is not None:
-            self._loop.remove(0)
-        self._stdin_open = False
+        self._watch(False)
+        self._source = None
 
     def restore(self) -> None:
         """Give the terminal back as it was. Safe to call more than once."""

@@ -131,6 +131,9 @@ class ControlServer:
             return self._handle(request)
         except KasouError as error:
             return Reply(False, error_type=type(error).__name__, error=str(error))
+        except Exception as error:  # a kasou bug: answer, log, keep serving
+            log.exception("control request %s failed", request.kind.value)
+            return Reply(False, error_type="InternalError", error=f"internal error: {error!r}")
 
     def _reply(self, client: socket.socket, reply: Reply) -> None:
         payload = (json.dumps(reply.to_json()) + "\n").encode()

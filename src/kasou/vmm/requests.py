@@ -75,6 +75,11 @@ def parse_request(message: object) -> Request:
     stdin = message.get("stdin", "")
     if not isinstance(stdin, str):
         raise ConfigError("stdin", "stdin must be a string")
+    for name, text in (("argv", "".join(argv)), ("stdin", stdin)):
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(name, "the text is not valid Unicode (a lone surrogate)") from None
     timeout = message.get("timeout", 60.0)
     if (
         isinstance(timeout, bool)
