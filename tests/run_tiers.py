@@ -101,16 +101,16 @@ def main() -> int:
 
     host = probe_host()
     results = [run_static(), run_pytest("unit", ["tests/unit"])]
-    if host.problem is None:
-        results.append(run_pytest("kvm", ["tests/kvm", "tests/guestkit_qemu"]))
-    else:
-        results.append(TierResult("kvm", note=f"not run: {host.problem}"))
-    results.append(run_pytest("tools", ["tests/nested", "tests/image_qemu"]))
     print("\n=== building the default guest (cached)", flush=True)
     built = (
         subprocess.run([str(VENV / "kasou"), "image", "build"], cwd=ROOT, check=False).returncode
         == 0
     )
+    if host.problem is None:
+        results.append(run_pytest("kvm", ["tests/kvm", "tests/guestkit_qemu"]))
+    else:
+        results.append(TierResult("kvm", note=f"not run: {host.problem}"))
+    results.append(run_pytest("tools", ["tests/nested", "tests/image_qemu"]))
     if not built:
         results.append(TierResult("e2e", failed=1, note="the default guest did not build"))
     elif host.backend.boots_linux:

@@ -16,7 +16,7 @@ from pathlib import Path
 from kasou.errors import HostError
 from kasou.kvm.system import CAPABILITIES, REQUIRED, Kvm
 
-__all__ = ["CAPABILITIES", "REQUIRED", "Backend", "HostInfo", "probe_host"]
+__all__ = ["CAPABILITIES", "REQUIRED", "Backend", "HostInfo", "backend", "probe_host"]
 
 
 class Backend(enum.Enum):
@@ -74,7 +74,8 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _backend(sys_module: Path = Path("/sys/module")) -> Backend:
+def backend(sys_module: Path = Path("/sys/module")) -> Backend:
+    """The engine behind this host's /dev/kvm, from the loaded modules and CPU flags."""
     if (sys_module / "kvm_pvm").exists():
         return Backend.PVM
     flags = _cpu_flags()
@@ -92,11 +93,11 @@ def probe_host(device: str = "/dev/kvm") -> HostInfo:
     try:
         kvm = Kvm(device)
     except HostError as error:
-        return HostInfo(_backend(), device, problem=str(error))
+        return HostInfo(backend(), device, problem=str(error))
     with kvm:
         capabilities = {name: kvm.check_extension(cap) for name, cap in CAPABILITIES.items()}
         return HostInfo(
-            backend=_backend(),
+            backend=backend(),
             device=device,
             api_version=kvm.get_api_version(),
             max_vcpus=kvm.max_vcpus(),

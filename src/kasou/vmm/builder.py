@@ -25,6 +25,7 @@ from kasou.devices.legacy.serial import Serial
 from kasou.errors import HostError
 from kasou.kvm import Kvm, VcpuFd, VmFd
 from kasou.kvm import bindings as b
+from kasou.kvm.host import Backend, backend
 from kasou.loader import load_initrd, load_kernel
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
@@ -109,7 +110,9 @@ def build_vm(
         for slot, region in enumerate(memory.regions):
             vm_fd.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
 
-        entry = _load_guest(config, memory)
+        # On PVM a bzImage's own decompressor loops on page faults (shared/ENVIRONMENT.md):
+        # boot the vmlinux inside it instead, as the 64-bit protocol allows for any vmlinux.
+        entry = _load_guest(config, memory, extract=backend() is Backend.PVM)
 
         pio, mmio = Bus("pio"), Bus("mmio")
         vm = Vm(config, kvm, vm_fd, memory, pio, mmio, {}, cleanup.pop_all())
@@ -124,9 +127,9 @@ def build_vm(
     return vm
 
 
-def _load_guest(config: VmConfig, memory: GuestMemory) -> int:
+def _load_guest(config: VmConfig, memory: GuestMemory, extract: bool) -> int:
     """Load kernel, initrd, command line and boot structures; return the 64-bit entry."""
-    kernel = load_kernel(memory, config.kernel)
+    kernel = load_kernel(memory, config.kernel, extract=extract)
     ram_top = max(region.end for region in memory.regions if region.gpa < layout.MMIO_HOLE_START)
     initrd = None
     if config.initrd is not None:
