@@ -214,16 +214,15 @@ def _check_request(
         raise ConfigError("cpus", f"must be between 1 and 64, not {cpus}")
     if not cwd.is_absolute() or not cwd.is_dir():
         raise ConfigError("cwd", f"{cwd} is not an existing directory on this host")
+
+
+def _masked_cwd(cwd: Path, shares: Sequence[str]) -> str | None:
+    """``cwd`` (resolved) when it lies under a folder the nested host replaces with a fresh
+    file system (/tmp, /run) and no share covers it; else None."""
     real = os.path.realpath(cwd)
     if any(_under(real, share) for share in shares):
-        return
-    for masked in _MASKED:
-        if _under(real, masked):
-            raise ConfigError(
-                "cwd",
-                f"{cwd} is under {masked}, which the nested host replaces with a fresh file "
-                "system: run from a directory elsewhere, or share it",
-            )
+        return None
+    return real if any(_under(real, masked) for masked in _MASKED) else None
 
 
 def run_nested(
@@ -243,7 +242,8 @@ def run_nested(
     in-memory overlay that is discarded afterwards), with fresh /tmp, /run, /proc, /sys and
     /dev, in ``cwd`` (default: the current directory), with PATH and HOME from this process
     plus ``env``. Each folder in ``shares`` is mounted writable at its own path (over the
-    fresh /tmp too), so results can come back. Its stdout and stderr are collected and, with
+    fresh /tmp too), so results can come back; a ``cwd`` under /tmp or /run is shared the same
+    way, or it would be hidden. Its stdout and stderr are collected and, with
     ``stream``, copied to
     ``sys.stdout`` as they arrive. The first call builds the outer kernel and initramfs
     (``prepare``). ``timeout`` counts from QEMU's start and covers the boot.
@@ -257,6 +257,11 @@ def run_nested(
     _check_request(
         command, cwd=cwd, timeout=timeout, memory_mib=memory_mib, cpus=cpus, shares=folders
     )
+    masked = _masked_cwd(cwd, folders)
+    if masked is not None:
+        # A checkout under /tmp (CI clones there) would vanish behind the fresh /tmp inside:
+        # share it, so the command finds its files (and its writes land on the host).
+        folders.append(masked)
     variables = {
         "PATH": os.environ.get("PATH", _DEFAULT_PATH),
         "HOME": os.environ.get("HOME", "/root"),
