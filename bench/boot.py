@@ -16,7 +16,6 @@ Two figures, each the median of ``--runs`` boots of each VMM:
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from kasou.agent import protocol
+from kasou.cli.demo import launch_default_guest
 from kasou.client import ControlClient
 from kasou.image import default_guest
 
@@ -36,55 +36,19 @@ TIMEOUT = 180.0
 
 
 def kasou_boot(scratch: Path, vcpus: int) -> tuple[float, float]:
-    guest = default_guest(build=False)
-    sock = scratch / "kasou.sock"
-    start = time.monotonic_ns()
-    process = subprocess.Popen(
-        [
-            KASOU,
-            "run",
-            "--kernel",
-            str(guest.kernel),
-            "--initrd",
-            str(guest.initrd),
-            "--cmdline",
-            guest.cmdline,
-            "--vcpus",
-            str(vcpus),
-            "--memory",
-            "512M",
-            "--console",
-            "none",
-            "--api-sock",
-            str(sock),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "KASOU_TRACE_START": "1"},
-    )
+    booting = launch_default_guest(scratch, vcpus)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not sock.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"kasou did not start: {process.communicate()[1]!r}")
-            time.sleep(0.005)
-        with ControlClient(sock, timeout=TIMEOUT) as client:
+        with ControlClient(booting.sock, timeout=TIMEOUT) as client:
             client.execute(["true"], timeout=TIMEOUT)  # returns once the agent is up
             ready = client.request("status")["agent"]["ready_ns"]
             client.request("stop")
-        process.wait(60)
-        stderr = process.stderr.read().decode() if process.stderr else ""
-        first_run = next(
-            int(line.rsplit(" ", 1)[1])
-            for line in stderr.splitlines()
-            if line.startswith("kasou: first KVM_RUN at ")
-        )
-        return (ready - start) / 1e9, (first_run - start) / 1e9
+        booting.process.wait(60)
+        first_run = booting.first_kvm_run_ns()
+        if first_run is None:
+            raise RuntimeError("kasou printed no start mark")
+        return (ready - booting.started_ns) / 1e9, (first_run - booting.started_ns) / 1e9
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        booting.close()
 
 
 def qemu_command(scratch: Path, vcpus: int, agent: Path) -> list[str]:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kasou_peer
 import qemu_peer
+from kasou._sys.proc import resident_bytes
 from kasou.guestkit import build_guest
 
 
@@ -94,16 +95,8 @@ def bench_start(elf: Path, repeats: int) -> None:
 
 
 def rss_outside_guest(pid: int, guest_bytes: int) -> int:
-    total, skip = 0, False
-    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as smaps:
-        for line in smaps:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                low, high = (int(part, 16) for part in first.split("-"))
-                skip = high - low >= guest_bytes
-            elif first == "Rss:" and not skip:
-                total += int(line.split()[1]) * 1024
-    return total
+    """Resident memory of ``pid`` outside mappings at least as large as guest RAM."""
+    return resident_bytes(pid, lambda low, high: high - low >= guest_bytes)
 
 
 def measure_rss(command: list[str], guest_bytes: int, ready: bytes) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from kasou._sys.proc import resident_bytes
 from kasou.client import ControlClient
 from kasou.kvm.host import probe_host
 
@@ -39,20 +40,6 @@ if not _host.backend.boots_linux:
         "`make test` runs it inside `kasou nested`",
         allow_module_level=True,
     )
-
-
-def rss_outside_guest(pid: int, guest_bytes: int) -> int:
-    """Resident bytes of ``pid`` outside mappings at least as large as guest RAM."""
-    total, skip = 0, False
-    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as smaps:
-        for line in smaps:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                low, high = (int(part, 16) for part in first.split("-"))
-                skip = high - low >= guest_bytes
-            elif first == "Rss:" and not skip:
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 class RunningGuest:
@@ -99,7 +86,8 @@ class RunningGuest:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
 
     def vmm_rss(self) -> int:
-        return rss_outside_guest(self.process.pid, self.memory)
+        """kasou's resident memory outside guest RAM (mappings at least as large as it)."""
+        return resident_bytes(self.process.pid, lambda low, high: high - low >= self.memory)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from kasou._sys.proc import resident_bytes
 from kasou.guestkit import build_guest, cmdline
 from kasou.kvm.host import probe_host
 from kasou.memory import GuestMemory
@@ -64,19 +65,9 @@ class ConsoleCapture:
 
 
 def _rss_outside(memory: GuestMemory) -> int:
-    """Resident bytes of this process outside guest RAM (/proc/self/smaps)."""
+    """Resident bytes of this process outside guest RAM."""
     guest = [(region.host_address, region.host_address + region.size) for region in memory.regions]
-    total = 0
-    inside = False
-    with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
-        for line in smaps:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                start = int(first.split("-")[0], 16)
-                inside = any(low <= start < high for low, high in guest)
-            elif first == "Rss:" and not inside:
-                total += int(line.split()[1]) * 1024
-    return total
+    return resident_bytes(skip=lambda low, high: any(a <= low < b for a, b in guest))
 
 
 class Booted:

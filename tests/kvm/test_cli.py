@@ -3,12 +3,14 @@ errors for bad input, nothing left behind, the serial console both ways."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -186,37 +188,45 @@ def test_no_permission_on_dev_kvm(guest_elf: Path) -> None:
     assert "no permission to open /dev/kvm" in line
 
 
-def _wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the control socket did not appear"
-        time.sleep(0.01)
-
-
-def test_control_commands_drive_a_running_vm(guest_elf: Path, tmp_path: Path) -> None:
-    sock = tmp_path / "vm.sock"
+@contextlib.contextmanager
+def running_vm(
+    elf: Path, sock: Path, workload: str, *options: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``kasou run`` in the background with a control socket; killed if the test leaves
+    it running."""
     process = subprocess.Popen(
         [
             KASOU,
             "run",
             "--kernel",
-            str(guest_elf),
+            str(elf),
             "--memory",
             "64M",
-            "--console",
-            "none",
             "--cmdline",
-            cmdline("counter"),
+            cmdline(workload),
             "--api-sock",
             str(sock),
+            *options,
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_for_socket(sock, process)
+        deadline = time.monotonic() + 30
+        while not sock.exists():  # another process's start-up, with a deadline
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the control socket did not appear"
+            time.sleep(0.01)
+        yield process
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_control_commands_drive_a_running_vm(guest_elf: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    with running_vm(guest_elf, sock, "counter", "--console", "none") as process:
         for command, state in (
             ("status", "running"),
             ("pause", "paused"),
@@ -233,35 +243,12 @@ def test_control_commands_drive_a_running_vm(guest_elf: Path, tmp_path: Path) ->
         assert b"the VM is running, it must be paused" in refused.stderr
         assert run("stop", "--sock", str(sock)).returncode == 0
         assert process.wait(30) == 0
-    finally:
-        process.kill()
-        process.communicate()
     assert not sock.exists(), "the control socket was left behind"
 
 
 def test_on_reboot_restart_boots_the_guest_again(guest_elf: Path, tmp_path: Path) -> None:
     sock = tmp_path / "vm.sock"
-    process = subprocess.Popen(
-        [
-            KASOU,
-            "run",
-            "--kernel",
-            str(guest_elf),
-            "--memory",
-            "64M",
-            "--on-reboot",
-            "restart",
-            "--cmdline",
-            cmdline("reset"),
-            "--api-sock",
-            str(sock),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_for_socket(sock, process)
+    with running_vm(guest_elf, sock, "reset", "--on-reboot", "restart") as process:
         assert process.stdout is not None
         seen = b""
         while seen.count(b"resetting") < 3:
@@ -270,9 +257,6 @@ def test_on_reboot_restart_boots_the_guest_again(guest_elf: Path, tmp_path: Path
             seen += chunk
         assert run("stop", "--sock", str(sock)).returncode == 0
         assert process.wait(30) == 0
-    finally:
-        process.kill()
-        process.communicate()
 
 
 def test_every_command_help_shows_an_example() -> None:

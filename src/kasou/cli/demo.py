@@ -18,10 +18,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from kasou.cli.fastrun import default_guest
 from kasou.client import ControlClient
-from kasou.errors import KasouError
+from kasou.errors import HostError, KasouError
 
-__all__ = ["demo"]
+__all__ = ["Booting", "demo", "launch_default_guest"]
 
 COMMANDS = (["uname", "-a"], ["nproc"], ["free", "-m"])
 KASOU = str(Path(sys.executable).with_name("kasou"))
@@ -29,10 +30,9 @@ KASOU = str(Path(sys.executable).with_name("kasou"))
 
 def demo(vcpus: int, here: bool) -> int:
     out = Console()
-    from kasou.cli.fastrun import default_guest
     from kasou.kvm.host import probe_host
 
-    guest = default_guest()
+    default_guest()  # built (with a progress display) before anything is timed
     host = probe_host()
     if not here and not host.backend.boots_linux:
         from kasou.nested import run_nested
@@ -44,54 +44,87 @@ def demo(vcpus: int, here: bool) -> int:
         result = run_nested([KASOU, "demo", "--here", "--vcpus", str(vcpus)], cwd=Path.cwd())
         return result.status
     with tempfile.TemporaryDirectory(prefix="kasou-demo-") as scratch:
-        sock, console = Path(scratch) / "vm.sock", Path(scratch) / "console.log"
-        started = time.monotonic_ns()
-        process = subprocess.Popen(
-            [
-                KASOU,
-                "run",
-                "--kernel",
-                str(guest.kernel),
-                "--initrd",
-                str(guest.initrd),
-                "--cmdline",
-                guest.cmdline,
-                "--vcpus",
-                str(vcpus),
-                "--memory",
-                "512M",
-                "--console",
-                f"file:{console}",
-                "--api-sock",
-                str(sock),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "KASOU_TRACE_START": "1"},
-        )
         try:
-            return _drive(out, process, sock, started, vcpus)
+            booting = launch_default_guest(Path(scratch), vcpus, console="file")
+        except KasouError as error:
+            out.print(f"[red]{error}[/red]")
+            return 1
+        try:
+            return _drive(out, booting, vcpus)
         finally:
-            if process.poll() is None:
-                process.terminate()
-            process.wait(30)
+            booting.close()
 
 
-def _drive(
-    out: Console, process: subprocess.Popen[bytes], sock: Path, started: int, vcpus: int
-) -> int:
-    deadline = time.monotonic() + 60
+class Booting:
+    """A ``kasou run`` of the default guest, started with its control socket up."""
+
+    def __init__(self, process: subprocess.Popen[bytes], sock: Path, started_ns: int) -> None:
+        self.process = process
+        self.sock = sock
+        self.started_ns = started_ns  # CLOCK_MONOTONIC just before the process was spawned
+
+    def first_kvm_run_ns(self) -> int | None:
+        """When the boot vCPU first entered the guest (read from kasou's stderr, once it
+        has ended)."""
+        stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+        for line in stderr.splitlines():
+            if line.startswith("kasou: first KVM_RUN at "):
+                return int(line.rsplit(" ", 1)[1])
+        return None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(30)
+
+
+def launch_default_guest(scratch: Path, vcpus: int, console: str = "none") -> Booting:
+    """Start ``kasou run`` on the default guest (512 MiB, COM1 to ``scratch``/console.log
+    with ``console="file"``) and wait for its control socket. Used by the demo and by
+    bench/boot.py, so both time the same thing."""
+    guest = default_guest()
+    sock = scratch / "vm.sock"
+    target = f"file:{scratch / 'console.log'}" if console == "file" else console
+    started = time.monotonic_ns()
+    process = subprocess.Popen(
+        [
+            KASOU,
+            "run",
+            "--kernel",
+            str(guest.kernel),
+            "--initrd",
+            str(guest.initrd),
+            "--cmdline",
+            guest.cmdline,
+            "--vcpus",
+            str(vcpus),
+            "--memory",
+            "512M",
+            "--console",
+            target,
+            "--api-sock",
+            str(sock),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "KASOU_TRACE_START": "1"},
+    )
+    booting = Booting(process, sock, started)
+    deadline = time.monotonic() + 120
     while not sock.exists():  # kasou's own start-up, bounded
         if process.poll() is not None:
-            out.print(f"[red]kasou run ended: {process.communicate()[1].decode()}[/red]")
-            return 1
+            raise HostError(f"kasou run ended: {process.communicate()[1].decode().strip()}")
         if time.monotonic() > deadline:
-            out.print("[red]kasou run did not open its control socket[/red]")
-            return 1
-        time.sleep(0.01)
+            booting.close()
+            raise HostError("kasou run did not open its control socket within 120 s")
+        time.sleep(0.005)
+    return booting
+
+
+def _drive(out: Console, booting: Booting, vcpus: int) -> int:
     try:
-        with ControlClient(sock, timeout=300) as client:
+        with ControlClient(booting.sock, timeout=300) as client:
             for argv in COMMANDS:
                 result = client.execute(argv, timeout=120)
                 out.print(f"[bold cyan]guest$ {' '.join(argv)}[/bold cyan]")
@@ -102,16 +135,9 @@ def _drive(
         if "rebooted" not in str(error) and "closed" not in str(error):
             out.print(f"[red]{error}[/red]")
             return 1
-    status = process.wait(120)
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    first_run = next(
-        (
-            int(line.rsplit(" ", 1)[1])
-            for line in stderr.splitlines()
-            if line.startswith("kasou: first KVM_RUN at ")
-        ),
-        None,
-    )
+    status = booting.process.wait(120)
+    first_run = booting.first_kvm_run_ns()
+    started = booting.started_ns
     out.print(
         f"\n[bold]boot to agent[/bold] {(ready_ns - started) / 1e6:8.1f} ms"
         "  (kasou run process start -> guest agent ready)"
