@@ -214,15 +214,27 @@ def _check_request(
         raise ConfigError("cpus", f"must be between 1 and 64, not {cpus}")
     if not cwd.is_absolute() or not cwd.is_dir():
         raise ConfigError("cwd", f"{cwd} is not an existing directory on this host")
+    real = os.path.realpath(cwd)
+    for masked in ("/proc", "/sys", "/dev"):
+        if _under(real, masked):
+            raise ConfigError(
+                "cwd", f"{cwd} is under {masked}, which the nested host has its own of"
+            )
 
 
 def _masked_cwd(cwd: Path, shares: Sequence[str]) -> str | None:
-    """``cwd`` (resolved) when it lies under a folder the nested host replaces with a fresh
-    file system (/tmp, /run) and no share covers it; else None."""
+    """The folder to share when ``cwd`` lies under one the nested host replaces with a fresh
+    file system (/tmp, /run) and no share covers it: the top folder below that one
+    (/tmp/ci-checkout for /tmp/ci-checkout/tests), so the rest of a checkout there (its
+    virtual environment, say) is visible too. None when nothing needs sharing."""
     real = os.path.realpath(cwd)
     if any(_under(real, share) for share in shares):
         return None
-    return real if any(_under(real, masked) for masked in _MASKED) else None
+    for masked in ("/tmp", "/run"):
+        if _under(real, masked) and real != masked:
+            top = os.path.relpath(real, masked).split(os.sep)[0]
+            return os.path.join(masked, top)
+    return None
 
 
 def run_nested(
