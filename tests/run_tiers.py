@@ -116,7 +116,18 @@ def main() -> int:
     elif host.backend.boots_linux:
         results.append(run_pytest("e2e", ["tests/e2e"]))
     else:
-        results.append(run_pytest("e2e", ["tests/e2e"], wrapper=[str(VENV / "kasou"), "nested"]))
+        # One outer vCPU: the tier ran in 65 s that way against 100-120 s with two (the
+        # inner 2-vCPU guest still gets both), and once, with two, the outer kernel stalled
+        # (an RCU stall on its second vCPU). A nested host that hangs is killed at the
+        # timeout (exit 124) and the tier is run once more: that is the harness failing,
+        # not kasou; a second hang fails the tier.
+        wrapper = [str(VENV / "kasou"), "nested", "--cpus", "1", "--timeout", "900"]
+        result = run_pytest("e2e", ["tests/e2e"], wrapper=wrapper)
+        if result.note == "pytest exited 124":
+            print("\n=== the nested host hung; running the e2e tier once more", flush=True)
+            result = run_pytest("e2e", ["tests/e2e"], wrapper=wrapper)
+            result.note = result.note or "inside the nested host (second try: the first hung)"
+        results.append(result)
         results[-1].note = results[-1].note or "inside the nested host"
 
     allow_skip = os.environ.get("KASOU_ALLOW_SKIP") == "1"

@@ -204,6 +204,10 @@ def image_build(
 def nested(
     command: Annotated[list[str], typer.Argument(help="The command and its arguments.")],
     timeout: Annotated[float, typer.Option(help="Seconds before the outer VM is killed.")] = 1800.0,
+    cpus: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="vCPUs of the outer VM (default: 2 when this host has 2 cores)."),
+    ] = None,
     share: Annotated[
         Optional[list[Path]],  # noqa: UP045
         typer.Option(help="A host folder the command may write to (same path inside)."),
@@ -212,12 +216,16 @@ def nested(
     """Run a command with a real /dev/kvm inside a nested host (QEMU TCG with AMD-V).
 
     This host's root is mounted read-only inside with a writable overlay on top that is
-    thrown away; --share gives writable access to a host folder."""
+    thrown away; --share gives writable access to a host folder. Exits with the command's
+    status, or 124 when the outer VM hung and was killed at --timeout."""
     from kasou.errors import KasouError
-    from kasou.nested import run_nested
+    from kasou.nested import NestedError, run_nested
 
     try:
-        result = run_nested(command, cwd=Path.cwd(), timeout=timeout, shares=share or ())
+        result = run_nested(command, cwd=Path.cwd(), timeout=timeout, cpus=cpus, shares=share or ())
+    except NestedError as error:
+        typer.echo(f"kasou: error: {error}", err=True)
+        raise typer.Exit(124 if "hung" in str(error) else 2) from None
     except KasouError as error:
         _fail(error)
     raise typer.Exit(result.status)
