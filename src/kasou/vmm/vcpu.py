@@ -220,7 +220,6 @@ class Vcpu:
         run, request = ioctl_noretry, b.KVM_RUN
         exit_io, exit_mmio = b.KVM_EXIT_IO, b.KVM_EXIT_MMIO
         union = b.RUN_UNION
-        exits = 0
         if self.index == 0 and os.environ.get("KASOU_TRACE_START"):
             # For bench/start.py: when the boot vCPU enters the guest, on CLOCK_MONOTONIC.
             sys.stderr.write(f"kasou: first KVM_RUN at {time.monotonic_ns()}\n")
@@ -234,7 +233,7 @@ class Vcpu:
                             return None
                         continue
                     return self._crash(f"KVM_RUN failed: errno {-result}")
-                exits += 1
+                self.exits += 1
                 reason = exit_reason[0]
                 if reason == exit_io:
                     out, size, port, count, offset = unpack_io(page, union)
@@ -264,7 +263,6 @@ class Vcpu:
                     if ending is not None:
                         return ending
         finally:
-            self.exits += exits
             mmio_data.release()
             exit_reason.release()
             view.release()
