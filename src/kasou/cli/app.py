@@ -206,7 +206,7 @@ def nested(
     timeout: Annotated[float, typer.Option(help="Seconds before the outer VM is killed.")] = 1800.0,
     cpus: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="vCPUs of the outer VM (default: 2 when this host has 2 cores)."),
+        typer.Option(help="vCPUs of the outer VM (default 1: faster and steadier here)."),
     ] = None,
     share: Annotated[
         Optional[list[Path]],  # noqa: UP045
