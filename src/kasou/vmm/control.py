@@ -173,13 +173,19 @@ def _listen(path: Path) -> socket.socket:
             raise ConfigError("api-sock", f"{path} is in use by another VM: choose another path")
         finally:
             probe.close()
+    # Bound and listening under a temporary name, then renamed into place: a client that
+    # sees the path can connect at once (no window between bind and listen).
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        listener.bind(str(path))
-        os.chmod(path, 0o600)
+        listener.bind(str(staging))
+        os.chmod(staging, 0o600)
         listener.listen(8)
         listener.setblocking(False)
+        os.rename(staging, path)
     except OSError as error:
         listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
         raise ConfigError("api-sock", f"cannot listen on {path}: {error.strerror}") from error
     return listener
