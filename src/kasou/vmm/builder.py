@@ -13,7 +13,7 @@ import contextlib
 import ctypes
 import os
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kasou.arch.x86_64 import cpuid as arch_cpuid
 from kasou.arch.x86_64 import gdt, layout, mptable, msrs, paging
@@ -22,18 +22,27 @@ from kasou.devices.legacy.i8042 import I8042
 from kasou.devices.legacy.power import POWER_PORT, PowerOff
 from kasou.devices.legacy.rtc import Rtc
 from kasou.devices.legacy.serial import Serial
-from kasou.errors import HostError
+from kasou.errors import ConfigError, HostError, KasouError
 from kasou.kvm import Kvm, VcpuFd, VmFd
 from kasou.kvm import bindings as b
 from kasou.kvm.host import Backend, backend
 from kasou.loader import load_initrd, load_kernel
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
-from kasou.vmm.config import VmConfig
+from kasou.vmm.config import DiskConfig, VmConfig
 from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
 from kasou.vmm.vm import Vm
 
-__all__ = ["COM1", "COM2", "AgentLine", "EventfdTrigger", "ExtraDevice", "build_vm"]
+__all__ = [
+    "COM1",
+    "COM2",
+    "AgentLine",
+    "EventfdTrigger",
+    "ExtraDevice",
+    "VirtioSlot",
+    "build_vm",
+    "virtio_plan",
+]
 
 COM1 = (0x3F8, 4)  # (port, ISA IRQ)
 COM2 = (0x2F8, 3)
@@ -89,7 +98,9 @@ def build_vm(
     kvm_path: str = "/dev/kvm",
 ) -> Vm:
     """Build the VM ``config`` describes. COM1 writes go to ``console_output``; COM2 (the
-    guest agent's line) is wired to ``agent`` when given."""
+    guest agent's line) is wired to ``agent`` when given. virtio devices sit in the MMIO
+    slots of ``layout.virtio_mmio_base`` in the order of ``virtio_plan`` and are announced
+    on the kernel command line (``virtio_mmio.device=``)."""
     with contextlib.ExitStack() as cleanup:
         kvm = Kvm(kvm_path)
         cleanup.callback(kvm.close)
@@ -112,7 +123,9 @@ def build_vm(
 
         # On PVM a bzImage's own decompressor loops on page faults (shared/ENVIRONMENT.md):
         # boot the vmlinux inside it instead, as the 64-bit protocol allows for any vmlinux.
-        entry = _load_guest(config, memory, extract=backend() is Backend.PVM)
+        plan = virtio_plan(config)
+        cmdline = _with_virtio_devices(config.cmdline, len(plan))
+        entry = _load_guest(config, memory, cmdline, extract=backend() is Backend.PVM)
 
         pio, mmio = Bus("pio"), Bus("mmio")
         vm = Vm(config, kvm, vm_fd, memory, pio, mmio, {}, cleanup.pop_all())
@@ -120,6 +133,7 @@ def build_vm(
     # From here on the VM owns the cleanup stack: a failure closes the VM.
     try:
         _wire_devices(vm, console_output, agent, extra_devices)
+        _wire_virtio(vm, plan)
         _create_vcpus(vm, entry)
     except BaseException:
         vm.close()
@@ -127,14 +141,14 @@ def build_vm(
     return vm
 
 
-def _load_guest(config: VmConfig, memory: GuestMemory, extract: bool) -> int:
+def _load_guest(config: VmConfig, memory: GuestMemory, cmdline: str, extract: bool) -> int:
     """Load kernel, initrd, command line and boot structures; return the 64-bit entry."""
     kernel = load_kernel(memory, config.kernel, extract=extract)
     ram_top = max(region.end for region in memory.regions if region.gpa < layout.MMIO_HOLE_START)
     initrd = None
     if config.initrd is not None:
         initrd = load_initrd(memory, config.initrd, kernel, ram_top)
-    cmdline_size = write_cmdline(memory, layout.CMDLINE, config.cmdline, kernel.cmdline_max)
+    cmdline_size = write_cmdline(memory, layout.CMDLINE, cmdline, kernel.cmdline_max)
     mptable.write_mptable(memory, config.vcpus)
     params = build_boot_params(
         setup_header=kernel.setup_header,
@@ -191,6 +205,104 @@ def _wire_devices(
     vm.pio.insert(PowerOff(poweroff), POWER_PORT, 2)
     for extra in extra_devices:
         (vm.pio if extra.bus == "pio" else vm.mmio).insert(extra.device, extra.base, extra.length)
+
+
+class VirtioSlot(NamedTuple):
+    """One virtio device to be made: its kind, its id in ``Vm.devices``, its config."""
+
+    kind: str  # "block", "net", "vsock", "rng", "balloon"
+    id: str
+    config: object
+
+
+def virtio_plan(config: VmConfig) -> list[VirtioSlot]:
+    """The virtio devices ``config`` asks for, in slot order."""
+    plan = [VirtioSlot("block", f"block{i}", disk) for i, disk in enumerate(config.disks)]
+    plan += [VirtioSlot("net", f"net{i}", net) for i, net in enumerate(config.nets)]
+    if config.vsock is not None:
+        plan.append(VirtioSlot("vsock", "vsock", config.vsock))
+    if config.rng:
+        plan.append(VirtioSlot("rng", "rng", None))
+    if config.balloon:
+        plan.append(VirtioSlot("balloon", "balloon", None))
+    return plan
+
+
+def _with_virtio_devices(cmdline: str, count: int) -> str:
+    """Announce ``count`` virtio-mmio devices to Linux on its command line
+    (drivers/virtio/virtio_mmio.c: ``virtio_mmio.device=<size>@<base>:<irq>``)."""
+    words = [
+        f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE >> 10}K@{layout.virtio_mmio_base(slot):#x}"
+        f":{layout.VIRTIO_IRQS[slot]}"
+        for slot in range(count)
+    ]
+    return " ".join([cmdline, *words]) if words else cmdline
+
+
+def _wire_virtio(vm: Vm, plan: Sequence[VirtioSlot]) -> None:
+    """Make each planned device, put its transport on the MMIO bus with an irqfd for its
+    interrupt and an ioeventfd per queue, and give it a reactor (docs/design.md: block
+    devices get a thread each, every other device shares the VM's device loop)."""
+    if not plan:
+        return
+    if len(plan) > min(layout.VIRTIO_MMIO_SLOTS, len(layout.VIRTIO_IRQS)):
+        raise HostError(f"{len(plan)} virtio devices: kasou has {len(layout.VIRTIO_IRQS)} IRQs")
+    from kasou.devices.virtio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
+    from kasou.event import EventLoop
+
+    shared = _start_loop(vm, EventLoop(f"kasou-{vm.config.name}-virtio"))
+    for slot, planned in enumerate(plan):
+        base = layout.virtio_mmio_base(slot)
+        trigger = EventfdTrigger(vm.vm_fd, layout.VIRTIO_IRQS[slot])
+        vm._cleanup.callback(trigger.close)
+        reactor = shared
+        if planned.kind == "block":
+            reactor = _start_loop(vm, EventLoop(f"kasou-{planned.id}"))
+        device = _make_virtio_device(vm, planned, reactor)
+        vm._cleanup.callback(device.close)
+        transport = VirtioMmio(device, vm.memory, trigger)
+        vm._cleanup.callback(transport.close)
+        for index, fd in enumerate(transport.notifiers):
+            vm.vm_fd.ioeventfd(fd, base + NOTIFY_OFFSET, 4, datamatch=index)
+        vm.mmio.insert(transport, base, MMIO_SIZE)
+        vm.devices[planned.id] = transport
+        # The loops stop before the devices close (the cleanup stack runs backwards).
+        if reactor is not shared:
+            vm._cleanup.callback(reactor.stop)
+    vm._cleanup.callback(shared.stop)
+
+
+def _start_loop(vm: Vm, loop: Any) -> Any:
+    loop.start()
+    vm._cleanup.callback(loop.stop)  # stopping twice is harmless; this one covers failures
+    return loop
+
+
+def _make_virtio_device(vm: Vm, planned: VirtioSlot, reactor: Any) -> Any:
+    """The only place that constructs virtio device models."""
+    if planned.kind == "block":
+        from kasou.devices.virtio.block import Block
+        from kasou.disk import open_disk
+
+        disk = planned.config
+        assert isinstance(disk, DiskConfig)
+        try:
+            backend = open_disk(disk.path, format=disk.format, read_only=disk.read_only)
+        except KasouError as error:
+            raise ConfigError("disk", f"{disk.path}: {error}") from error
+        except OSError as error:
+            raise ConfigError("disk", f"{disk.path}: {error.strerror}") from error
+        if backend.size % disk.sector_size:
+            backend.close()
+            raise ConfigError(
+                "disk", f"{disk.path}: its size is not a multiple of sector={disk.sector_size}"
+            )
+        return Block(reactor, backend, disk, name=planned.id)
+    if planned.kind == "rng":
+        from kasou.devices.virtio.rng import Rng
+
+        return Rng(reactor)
+    raise HostError(f"virtio device kind {planned.kind!r} is not built yet")
 
 
 def _create_vcpus(vm: Vm, entry: int) -> None:

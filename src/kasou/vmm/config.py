@@ -8,6 +8,7 @@ parsed and validated on any machine.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -15,7 +16,17 @@ from typing import Literal, NamedTuple
 from kasou.errors import ConfigError
 from kasou.memory import format_size, host_memory_bytes, parse_size
 
-__all__ = ["ConsoleConfig", "VmConfig", "parse_console"]
+__all__ = [
+    "ConsoleConfig",
+    "DiskConfig",
+    "NetConfig",
+    "VmConfig",
+    "VsockConfig",
+    "parse_console",
+    "parse_disk",
+    "parse_net",
+    "parse_vsock",
+]
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 MIN_MEMORY = 16 << 20
@@ -43,6 +54,146 @@ def parse_console(text: str) -> ConsoleConfig:
     raise ConfigError("console", f"{text!r} is not a console: use stdio, none or file:PATH")
 
 
+class DiskConfig(NamedTuple):
+    """One virtio-blk disk: ``--disk PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=N]``."""
+
+    path: Path
+    read_only: bool = False
+    format: str | None = None  # None: probed from the file
+    serial: str | None = None
+    sector_size: int = 512  # the logical block size the guest sees
+
+
+class NetConfig(NamedTuple):
+    """One virtio-net interface on a TAP: ``--net [tap=NAME][,mac=MAC]``. Without a name the
+    kernel picks one (tapN); a name that does not exist is created for the VM's lifetime."""
+
+    tap: str | None = None
+    mac: str | None = None
+
+
+class VsockConfig(NamedTuple):
+    """The virtio-vsock device: ``--vsock cid=N,uds=PATH`` (host side on Unix sockets)."""
+
+    cid: int
+    uds: Path
+
+
+MAX_SERIAL = 20  # VIRTIO_BLK_ID_BYTES (virtio 1.2 §5.2.6)
+MAX_DISKS = 16
+MAX_NETS = 8
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no separators
+
+
+def _options(field: str, text: str, known: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """Split ``a,b=c,...`` into bare words and ``key=value`` pairs, refusing unknown keys."""
+    words: list[str] = []
+    pairs: dict[str, str] = {}
+    for part in text.split(","):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in known:
+                raise ConfigError(field, f"unknown option {key!r}: use {', '.join(known)}")
+            if key in pairs:
+                raise ConfigError(field, f"{key} is given twice")
+            pairs[key] = value
+        else:
+            words.append(part)
+    return words, pairs
+
+
+def parse_disk(text: str) -> DiskConfig:
+    """Parse ``PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=512|4096]``."""
+    words, pairs = _options("disk", text, ("format", "serial", "sector"))
+    if not words or not words[0]:
+        raise ConfigError("disk", f"{text!r}: give a path first, like --disk root.img,ro")
+    path, flags = words[0], words[1:]
+    for flag in flags:
+        if flag not in ("ro", "rw"):
+            raise ConfigError("disk", f"unknown flag {flag!r}: use ro, format=, serial=, sector=")
+    sector = pairs.get("sector", "512")
+    if not sector.isdigit():
+        raise ConfigError("disk", f"sector={sector}: give 512, 1024, 2048 or 4096")
+    return DiskConfig(
+        path=Path(path),
+        read_only="ro" in flags,
+        format=pairs.get("format"),
+        serial=pairs.get("serial"),
+        sector_size=int(sector),
+    )
+
+
+def parse_net(text: str) -> NetConfig:
+    """Parse ``[tap=NAME][,mac=MAC]`` (an empty string: a new TAP, a generated MAC)."""
+    words, pairs = _options("net", text, ("tap", "mac")) if text else ([], {})
+    if any(words):
+        raise ConfigError("net", f"{text!r}: use tap=NAME and mac=MAC, like --net tap=tap0")
+    return NetConfig(tap=pairs.get("tap"), mac=pairs.get("mac"))
+
+
+def parse_vsock(text: str) -> VsockConfig:
+    """Parse ``cid=N,uds=PATH``."""
+    words, pairs = _options("vsock", text, ("cid", "uds"))
+    if any(words) or "cid" not in pairs or "uds" not in pairs:
+        raise ConfigError("vsock", f"{text!r}: give cid=N,uds=PATH, like cid=3,uds=/tmp/v.sock")
+    if not pairs["cid"].isdigit():
+        raise ConfigError("vsock", f"cid={pairs['cid']} is not a number")
+    return VsockConfig(cid=int(pairs["cid"]), uds=Path(pairs["uds"]))
+
+
+def _check_disks(disks: tuple[DiskConfig, ...]) -> None:
+    if len(disks) > MAX_DISKS:
+        raise ConfigError("disk", f"{len(disks)} disks: kasou attaches {MAX_DISKS} at most")
+    seen: set[Path] = set()
+    for disk in disks:
+        _check_readable("disk", disk.path, block_ok=True)
+        if not disk.read_only and not os.access(disk.path, os.W_OK):
+            raise ConfigError("disk", f"{disk.path} is not writable: add ,ro or fix its mode")
+        resolved = disk.path.resolve()
+        if resolved in seen and not disk.read_only:
+            raise ConfigError("disk", f"{disk.path} is given twice: a disk is attached once")
+        seen.add(resolved)
+        if disk.format not in (None, "raw", "qcow2"):
+            raise ConfigError("disk", f"format={disk.format}: use raw or qcow2")
+        if disk.serial is not None and (
+            len(disk.serial.encode()) > MAX_SERIAL or not disk.serial.isprintable()
+        ):
+            raise ConfigError(
+                "disk", f"serial={disk.serial!r}: at most {MAX_SERIAL} printable bytes"
+            )
+        if disk.sector_size not in (512, 1024, 2048, 4096):
+            raise ConfigError("disk", f"sector={disk.sector_size}: use 512, 1024, 2048 or 4096")
+
+
+def _check_nets(nets: tuple[NetConfig, ...]) -> None:
+    if len(nets) > MAX_NETS:
+        raise ConfigError("net", f"{len(nets)} interfaces: kasou attaches {MAX_NETS} at most")
+    for net in nets:
+        if net.tap is not None and not _TAP_NAME.match(net.tap):
+            raise ConfigError("net", f"tap={net.tap!r} is not an interface name (1-15 chars)")
+        if net.mac is not None:
+            if not _MAC.match(net.mac):
+                raise ConfigError("net", f"mac={net.mac}: write it like 52:54:00:12:34:56")
+            if int(net.mac[:2], 16) & 1:
+                raise ConfigError("net", f"mac={net.mac} is a multicast address: use a unicast one")
+    taps = [net.tap for net in nets if net.tap is not None]
+    if len(set(taps)) != len(taps):
+        raise ConfigError("net", "a TAP is given twice: each interface needs its own")
+
+
+def _check_vsock(vsock: VsockConfig) -> None:
+    # CIDs 0-2 are the hypervisor, local and host (virtio 1.2 §5.10.4); the field is 32 bits
+    # in Linux's sockaddr_vm, and U32_MAX is VMADDR_CID_ANY.
+    if not 3 <= vsock.cid < 0xFFFFFFFF:
+        raise ConfigError("vsock", f"cid={vsock.cid}: give 3 or more (0-2 are reserved)")
+    folder = vsock.uds.parent if str(vsock.uds.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError("vsock", f"uds={vsock.uds}: the folder {folder} does not exist")
+    if len(str(vsock.uds).encode()) > 100:
+        raise ConfigError("vsock", f"uds={vsock.uds}: too long for a Unix socket path")
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """One VM. Sizes are bytes; ``parse_size`` turns "512M" into them."""
@@ -58,6 +209,11 @@ class VmConfig:
     memory_backing: Literal["anonymous", "memfd"] = "anonymous"
     hugepages: bool = False
     name: str = "kasou"
+    disks: tuple[DiskConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
+    vsock: VsockConfig | None = None
+    rng: bool = True
+    balloon: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.vcpus, int) or self.vcpus < 1:
@@ -83,6 +239,10 @@ class VmConfig:
         _check_readable("kernel", self.kernel)
         if self.initrd is not None:
             _check_readable("initrd", self.initrd)
+        _check_disks(self.disks)
+        _check_nets(self.nets)
+        if self.vsock is not None:
+            _check_vsock(self.vsock)
 
     @classmethod
     def from_options(
@@ -122,7 +282,7 @@ class VmConfig:
             )
 
 
-def _check_readable(name: str, path: Path) -> None:
+def _check_readable(name: str, path: Path, block_ok: bool = False) -> None:
     try:
         path.stat()
     except PermissionError:
@@ -133,7 +293,7 @@ def _check_readable(name: str, path: Path) -> None:
         pass  # reported below, in words
     if not path.exists():
         raise ConfigError(name, f"{path} does not exist: give the path of a {name} image")
-    if not path.is_file():
+    if not path.is_file() and not (block_ok and path.is_block_device()):
         raise ConfigError(name, f"{path} is not a file: give the path of a {name} image")
     if not os.access(path, os.R_OK):
         raise ConfigError(name, f"{path} is not readable: check its permissions")
