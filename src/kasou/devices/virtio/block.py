@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from kasou.devices.virtio.device import Reactor, VirtioDevice
@@ -213,7 +213,7 @@ class Block(VirtioDevice):
             data = split_views(chain.writable, 0, chain.writable_len - 1)
             length = chain.writable_len - 1
             offset = self._range(sector, length)
-            self._io("read", lambda: self.backend.readv(offset, data))
+            self._io("read", self.backend.readv, offset, data)
             self.stats["reads"] += 1
             self.stats["read_bytes"] += length
             return length
@@ -222,7 +222,7 @@ class Block(VirtioDevice):
             length = chain.readable_len - _HEADER.size
             data = split_views(chain.readable, _HEADER.size, length)
             offset = self._range(sector, length)
-            self._io("write", lambda: self.backend.writev(offset, data))
+            self._io("write", self.backend.writev, offset, data)
             self.stats["writes"] += 1
             self.stats["write_bytes"] += length
             return 0
@@ -256,10 +256,10 @@ class Block(VirtioDevice):
             length = count * SECTOR
             if zeroes:
                 unmap = bool(flags & _WRITE_ZEROES_UNMAP)
-                self._io("write zeroes", lambda: self.backend.write_zeroes(offset, length, unmap))
+                self._io("write zeroes", self.backend.write_zeroes, offset, length, unmap)
                 self.stats["write_zeroes"] += 1
             else:
-                self._io("discard", lambda: self.backend.discard(offset, length))
+                self._io("discard", self.backend.discard, offset, length)
                 self.stats["discards"] += 1
 
     def _range(self, sector: int, length: int) -> int:
@@ -276,9 +276,9 @@ class Block(VirtioDevice):
         if self.read_only:
             raise _Failed(S_IOERR, "the disk is read-only")
 
-    def _io(self, what: str, call: Any) -> None:
+    def _io(self, what: str, call: Callable[..., None], *args: Any) -> None:
         try:
-            call()
+            call(*args)
         except Exception as error:  # OSError (EIO, ENOSPC), the backend's own errors
             log.warning("%s: %s failed: %s", self.name, what, error)
             raise _Failed(S_IOERR, f"{what} failed: {error}") from None

@@ -76,7 +76,17 @@ enum service {
 	SVC_RESET = 9, /* reset through the i8042; does not return */
 	SVC_HALT = 10, /* cli; hlt forever; does not return */
 	SVC_EXIT = 11, /* rdi = 0 done / 1 fail, rsi = reason; prints, resets */
+	SVC_IRQ_ROUTE = 12, /* rdi = IOAPIC base, rsi = pin, rdx = virtio-mmio base
+			     * -> interrupt number 0..MAX_VIRTIO_IRQS-1, or -1 */
+	SVC_WAIT = 13, /* rdi = volatile u16 *, rsi = its old value: halts with
+			* interrupts on until it changes -> 1, or ~2 s pass -> 0 */
 };
+
+/* Interrupts SVC_IRQ_ROUTE hands out: vectors VEC_VIRTIO + n, each counted in
+ * virtio_irqs[n] (kernel.c), which ring 3 reads directly. */
+#define MAX_VIRTIO_IRQS 8
+#define VEC_VIRTIO 0x50
+extern volatile uint64_t virtio_irqs[MAX_VIRTIO_IRQS];
 
 /* What ring-3 workloads get in RDI. */
 struct user_args {
@@ -119,6 +129,72 @@ static inline void *phys(uint64_t addr)
 	return p;
 }
 
+/* A ud2 service call from ring 3 (kernel.c, service()). */
+static inline uint64_t svc3(uint64_t nr, uint64_t a, uint64_t b, uint64_t c)
+{
+	__asm__ volatile("ud2" : "+a"(nr) : "D"(a), "S"(b), "d"(c) : "memory");
+	return nr;
+}
+
+static inline uint64_t svc(uint64_t nr, uint64_t a, uint64_t b)
+{
+	return svc3(nr, a, b, 0);
+}
+
+/* MMIO accesses of exactly the given width, one instruction each (a device
+ * sees one exit each); usable from either ring. */
+static inline void mmio_w8(uint64_t a, uint8_t v)
+{
+	__asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_w16(uint64_t a, uint16_t v)
+{
+	__asm__ volatile("movw %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_w32(uint64_t a, uint32_t v)
+{
+	__asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_w64(uint64_t a, uint64_t v)
+{
+	__asm__ volatile("movq %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline uint8_t mmio_r8(uint64_t a)
+{
+	uint8_t v;
+
+	__asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(a) : "memory");
+	return v;
+}
+
+static inline uint16_t mmio_r16(uint64_t a)
+{
+	uint16_t v;
+
+	__asm__ volatile("movw (%1), %0" : "=r"(v) : "r"(a) : "memory");
+	return v;
+}
+
+static inline uint32_t mmio_r32(uint64_t a)
+{
+	uint32_t v;
+
+	__asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(a) : "memory");
+	return v;
+}
+
+static inline uint64_t mmio_r64(uint64_t a)
+{
+	uint64_t v;
+
+	__asm__ volatile("movq (%1), %0" : "=r"(v) : "r"(a) : "memory");
+	return v;
+}
+
 /* lib.c: pure helpers, no I/O, safe to call from either ring. */
 void *memset(void *dst, int c, size_t n);
 void *memcpy(void *dst, const void *src, size_t n);
@@ -132,6 +208,14 @@ bool cmdline_get(const char *cmdline, const char *key, char *out, size_t size);
 /* Parses a decimal or 0x-prefixed hexadecimal number. */
 bool parse_u64(const char *s, uint64_t *out);
 
+/* user.c: helpers for ring-3 code (they reach ring 0 through svc). */
+void uwrite(const char *s, size_t n);
+void uprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+__attribute__((noreturn)) void udone(void);
+__attribute__((noreturn)) void ufail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The number in "key=value" on the command line, or fallback; fails on a bad one. */
+uint64_t uarg(const struct user_args *args, const char *key, uint64_t fallback);
+
 /* user.c: ring-3 workloads, entered with enter_user(). */
 __attribute__((noreturn)) void user_hello(const struct user_args *args);
 __attribute__((noreturn)) void user_echo(const struct user_args *args);
@@ -139,6 +223,15 @@ __attribute__((noreturn)) void user_dispatch(const struct user_args *args);
 __attribute__((noreturn)) void user_mmio(const struct user_args *args);
 __attribute__((noreturn)) void user_irq(const struct user_args *args);
 __attribute__((noreturn)) void user_counter(const struct user_args *args);
+
+/* vwork.c: the virtio workloads, in ring 3. */
+__attribute__((noreturn)) void user_vlist(const struct user_args *args);
+__attribute__((noreturn)) void user_vblk(const struct user_args *args);
+__attribute__((noreturn)) void user_vblk_bench(const struct user_args *args);
+__attribute__((noreturn)) void user_vrng(const struct user_args *args);
+__attribute__((noreturn)) void user_vnet(const struct user_args *args);
+__attribute__((noreturn)) void user_vsock(const struct user_args *args);
+__attribute__((noreturn)) void user_vbad(const struct user_args *args);
 
 #endif /* __ASSEMBLER__ */
 #endif /* KASOU_GUEST_H */

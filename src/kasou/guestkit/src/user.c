@@ -17,18 +17,12 @@
 #define COUNTER_ADDR 0x200000UL
 #define COM1 0x3f8
 
-static inline uint64_t svc(uint64_t nr, uint64_t a, uint64_t b)
-{
-	__asm__ volatile("ud2" : "+a"(nr) : "D"(a), "S"(b) : "memory");
-	return nr;
-}
-
-static void uwrite(const char *s, size_t n)
+void uwrite(const char *s, size_t n)
 {
 	svc(SVC_WRITE, (uint64_t)s, n);
 }
 
-static __attribute__((format(printf, 1, 2))) void uprintf(const char *fmt, ...)
+void uprintf(const char *fmt, ...)
 {
 	char buf[256];
 	va_list ap;
@@ -40,19 +34,25 @@ static __attribute__((format(printf, 1, 2))) void uprintf(const char *fmt, ...)
 	uwrite(buf, n < (int)sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
 }
 
-static __attribute__((noreturn)) void udone(void)
+void udone(void)
 {
 	for (;;)
 		svc(SVC_EXIT, 0, 0);
 }
 
-static __attribute__((noreturn)) void ufail(const char *reason)
+void ufail(const char *fmt, ...)
 {
+	char reason[160];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vformat(reason, sizeof(reason), fmt, ap);
+	va_end(ap);
 	for (;;)
 		svc(SVC_EXIT, 1, (uint64_t)reason);
 }
 
-static uint64_t uarg(const struct user_args *args, const char *key, uint64_t fallback)
+uint64_t uarg(const struct user_args *args, const char *key, uint64_t fallback)
 {
 	char value[32];
 	uint64_t v;
@@ -60,60 +60,7 @@ static uint64_t uarg(const struct user_args *args, const char *key, uint64_t fal
 	if (!cmdline_get(args->cmdline, key, value, sizeof(value)))
 		return fallback;
 	if (!parse_u64(value, &v))
-		ufail("bad number in a key=value argument");
-	return v;
-}
-
-/* Single accesses of exactly the given width (a device sees one exit each). */
-static inline void mmio_w8(uint64_t a, uint8_t v)
-{
-	__asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(a) : "memory");
-}
-
-static inline void mmio_w16(uint64_t a, uint16_t v)
-{
-	__asm__ volatile("movw %0, (%1)" : : "r"(v), "r"(a) : "memory");
-}
-
-static inline void mmio_w32(uint64_t a, uint32_t v)
-{
-	__asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(a) : "memory");
-}
-
-static inline void mmio_w64(uint64_t a, uint64_t v)
-{
-	__asm__ volatile("movq %0, (%1)" : : "r"(v), "r"(a) : "memory");
-}
-
-static inline uint8_t mmio_r8(uint64_t a)
-{
-	uint8_t v;
-
-	__asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(a) : "memory");
-	return v;
-}
-
-static inline uint16_t mmio_r16(uint64_t a)
-{
-	uint16_t v;
-
-	__asm__ volatile("movw (%1), %0" : "=r"(v) : "r"(a) : "memory");
-	return v;
-}
-
-static inline uint32_t mmio_r32(uint64_t a)
-{
-	uint32_t v;
-
-	__asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(a) : "memory");
-	return v;
-}
-
-static inline uint64_t mmio_r64(uint64_t a)
-{
-	uint64_t v;
-
-	__asm__ volatile("movq (%1), %0" : "=r"(v) : "r"(a) : "memory");
+		ufail("bad value %s=%s: give a decimal or 0x-prefixed number", key, value);
 	return v;
 }
 
