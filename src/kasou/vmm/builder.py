@@ -29,7 +29,7 @@ from kasou.kvm.host import Backend, backend
 from kasou.loader import load_initrd, load_kernel
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
-from kasou.vmm.config import DiskConfig, VmConfig
+from kasou.vmm.config import DiskConfig, NetConfig, VirtioConsoleConfig, VmConfig, VsockConfig
 from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
 from kasou.vmm.vm import Vm
 
@@ -99,7 +99,7 @@ def build_vm(
 ) -> Vm:
     """Build the VM ``config`` describes. COM1 writes go to ``console_output``; COM2 (the
     guest agent's line) is wired to ``agent`` when given. virtio devices sit in the MMIO
-    slots of ``layout.virtio_mmio_base`` in the order of ``virtio_plan`` and are announced
+    slots of ``layout.virtio_mmio_address`` in the order of ``virtio_plan`` and are announced
     on the kernel command line (``virtio_mmio.device=``)."""
     with contextlib.ExitStack() as cleanup:
         kvm = Kvm(kvm_path)
@@ -133,7 +133,7 @@ def build_vm(
     # From here on the VM owns the cleanup stack: a failure closes the VM.
     try:
         _wire_devices(vm, console_output, agent, extra_devices)
-        _wire_virtio(vm, plan)
+        _wire_virtio(vm, plan, console_output)
         _create_vcpus(vm, entry)
     except BaseException:
         vm.close()
@@ -225,6 +225,8 @@ def virtio_plan(config: VmConfig) -> list[VirtioSlot]:
         plan.append(VirtioSlot("rng", "rng", None))
     if config.balloon:
         plan.append(VirtioSlot("balloon", "balloon", None))
+    if config.virtio_console is not None:
+        plan.append(VirtioSlot("console", "console", config.virtio_console))
     return plan
 
 
@@ -232,14 +234,16 @@ def _with_virtio_devices(cmdline: str, count: int) -> str:
     """Announce ``count`` virtio-mmio devices to Linux on its command line
     (drivers/virtio/virtio_mmio.c: ``virtio_mmio.device=<size>@<base>:<irq>``)."""
     words = [
-        f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE >> 10}K@{layout.virtio_mmio_base(slot):#x}"
+        f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE >> 10}K@{layout.virtio_mmio_address(slot):#x}"
         f":{layout.VIRTIO_IRQS[slot]}"
         for slot in range(count)
     ]
     return " ".join([cmdline, *words]) if words else cmdline
 
 
-def _wire_virtio(vm: Vm, plan: Sequence[VirtioSlot]) -> None:
+def _wire_virtio(
+    vm: Vm, plan: Sequence[VirtioSlot], console_output: Callable[[bytes], None]
+) -> None:
     """Make each planned device, put its transport on the MMIO bus with an irqfd for its
     interrupt and an ioeventfd per queue, and give it a reactor (docs/design.md: block
     devices get a thread each, every other device shares the VM's device loop)."""
@@ -252,13 +256,13 @@ def _wire_virtio(vm: Vm, plan: Sequence[VirtioSlot]) -> None:
 
     shared = _start_loop(vm, EventLoop(f"kasou-{vm.config.name}-virtio"))
     for slot, planned in enumerate(plan):
-        base = layout.virtio_mmio_base(slot)
+        base = layout.virtio_mmio_address(slot)
         trigger = EventfdTrigger(vm.vm_fd, layout.VIRTIO_IRQS[slot])
         vm._cleanup.callback(trigger.close)
         reactor = shared
         if planned.kind == "block":
             reactor = _start_loop(vm, EventLoop(f"kasou-{planned.id}"))
-        device = _make_virtio_device(vm, planned, reactor)
+        device = _make_virtio_device(vm, planned, reactor, console_output)
         vm._cleanup.callback(device.close)
         transport = VirtioMmio(device, vm.memory, trigger)
         vm._cleanup.callback(transport.close)
@@ -278,7 +282,9 @@ def _start_loop(vm: Vm, loop: Any) -> Any:
     return loop
 
 
-def _make_virtio_device(vm: Vm, planned: VirtioSlot, reactor: Any) -> Any:
+def _make_virtio_device(
+    vm: Vm, planned: VirtioSlot, reactor: Any, console_output: Callable[[bytes], None]
+) -> Any:
     """The only place that constructs virtio device models."""
     if planned.kind == "block":
         from kasou.devices.virtio.block import Block
@@ -298,10 +304,33 @@ def _make_virtio_device(vm: Vm, planned: VirtioSlot, reactor: Any) -> Any:
                 "disk", f"{disk.path}: its size is not a multiple of sector={disk.sector_size}"
             )
         return Block(reactor, backend, disk, name=planned.id)
+    if planned.kind == "net":
+        from kasou.devices.virtio.net import Net
+        from kasou.tap import open_tap
+
+        net = planned.config
+        assert isinstance(net, NetConfig)
+        return Net(reactor, open_tap(net.tap), mac=net.mac, name=planned.id)
+    if planned.kind == "vsock":
+        from kasou.devices.virtio.vsock import Vsock
+
+        vsock = planned.config
+        assert isinstance(vsock, VsockConfig)
+        return Vsock(reactor, vsock.cid, vsock.uds)
     if planned.kind == "rng":
         from kasou.devices.virtio.rng import Rng
 
         return Rng(reactor)
+    if planned.kind == "balloon":
+        from kasou.devices.virtio.balloon import Balloon
+
+        return Balloon(reactor)
+    if planned.kind == "console":
+        from kasou.devices.virtio.console import Console
+
+        console = planned.config
+        assert isinstance(console, VirtioConsoleConfig)
+        return Console(reactor, console_output, socket=console.socket)
     raise HostError(f"virtio device kind {planned.kind!r} is not built yet")
 
 

@@ -21,10 +21,12 @@ __all__ = [
     "DiskConfig",
     "NetConfig",
     "VmConfig",
+    "VirtioConsoleConfig",
     "VsockConfig",
     "parse_console",
     "parse_disk",
     "parse_net",
+    "parse_virtio_console",
     "parse_vsock",
 ]
 
@@ -77,6 +79,21 @@ class VsockConfig(NamedTuple):
 
     cid: int
     uds: Path
+
+
+class VirtioConsoleConfig(NamedTuple):
+    """virtio-console: port 0 (hvc0) writes where COM1 does; port 1, a named port, is
+    served on the Unix socket ``socket`` when given: ``--virtio-console [sock=PATH]``."""
+
+    socket: Path | None = None
+
+
+def parse_virtio_console(text: str) -> VirtioConsoleConfig:
+    """Parse ``[sock=PATH]``."""
+    words, pairs = _options("virtio-console", text, ("sock",)) if text else ([], {})
+    if any(words):
+        raise ConfigError("virtio-console", f"{text!r}: use sock=PATH or nothing")
+    return VirtioConsoleConfig(Path(pairs["sock"]) if "sock" in pairs else None)
 
 
 MAX_SERIAL = 20  # VIRTIO_BLK_ID_BYTES (virtio 1.2 §5.2.6)
@@ -214,6 +231,7 @@ class VmConfig:
     vsock: VsockConfig | None = None
     rng: bool = True
     balloon: bool = False
+    virtio_console: VirtioConsoleConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vcpus, int) or self.vcpus < 1:

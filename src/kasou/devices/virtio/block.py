@@ -87,9 +87,14 @@ class BlockBackend(Protocol):
 class BlockConfig(Protocol):
     """How the user asked for the disk (``vmm.config.DiskConfig`` is one)."""
 
-    read_only: bool
-    serial: str | None
-    sector_size: int
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def serial(self) -> str | None: ...
+
+    @property
+    def sector_size(self) -> int: ...
 
 
 class _Failed(Exception):

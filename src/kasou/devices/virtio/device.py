@@ -69,7 +69,7 @@ class VirtioDevice:
     """A virtio device model; subclasses set the class attributes and ``process``."""
 
     device_type: ClassVar[DeviceType]
-    name: ClassVar[str] = "virtio"
+    name: str = "virtio"  # for messages; the builder names each instance (block0, net1)
 
     def __init__(self, reactor: Reactor, queue_sizes: Sequence[int], features: int = 0) -> None:
         self.reactor = reactor
