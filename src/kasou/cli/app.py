@@ -53,6 +53,40 @@ def run(
     on_reboot: Annotated[
         str, typer.Option(help="What a guest reboot does: exit kasou, or restart the guest.")
     ] = "exit",
+    disk: Annotated[
+        Optional[list[str]],  # noqa: UP045 (typer reads the annotation)
+        typer.Option(
+            help="A virtio-blk disk: PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=512|4096]. "
+            "Repeatable; the first is /dev/vda."
+        ),
+    ] = None,
+    net: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            help="A virtio-net interface on a TAP: [tap=NAME][,mac=MAC] (an empty value: a new "
+            "TAP). Repeatable."
+        ),
+    ] = None,
+    vsock: Annotated[
+        str | None,
+        typer.Option(
+            help="A virtio-vsock device: cid=N,uds=PATH (host side on Unix sockets, as "
+            "Firecracker)."
+        ),
+    ] = None,
+    rng: Annotated[
+        bool, typer.Option("--rng", help="A virtio-rng device (the host's getrandom).")
+    ] = False,
+    balloon: Annotated[
+        bool,
+        typer.Option(
+            "--balloon", help="A virtio-balloon device (target set through the control socket)."
+        ),
+    ] = False,
+    virtio_console: Annotated[
+        str | None,
+        typer.Option(help="A virtio-console (hvc0, plus a second port on sock=PATH)."),
+    ] = None,
 ) -> None:
     """Boot a guest and attach its serial console (Ctrl-A X quits).
 
@@ -70,6 +104,12 @@ def run(
             "console": console,
             "api_sock": api_sock,
             "on_reboot": on_reboot,
+            "disk": disk,
+            "net": net,
+            "vsock": vsock,
+            "rng": rng,
+            "balloon": balloon,
+            "virtio_console": virtio_console,
         }
     )
     raise typer.Exit(status)
@@ -106,13 +146,13 @@ def host() -> None:
         out.print("Linux guests boot directly here.")
 
 
-def _request(sock: Path, name: str) -> None:
+def _request(sock: Path, name: str, **arguments: object) -> None:
     from kasou.client import ControlClient
     from kasou.errors import KasouError
 
     try:
         with ControlClient(sock) as client:
-            result = client.request(name)
+            result = client.request(name, **arguments)
     except KasouError as error:
         _fail(error)
     typer.echo(json.dumps(result, indent=2))
@@ -139,6 +179,27 @@ def pause(sock: SockOption) -> None:
 def resume(sock: SockOption) -> None:
     """Resume a paused VM."""
     _request(sock, "resume")
+
+
+@app.command(epilog="Example: kasou devices --sock /tmp/vm.sock")
+def devices(sock: SockOption) -> None:
+    """List a VM's virtio devices with their state and counters (I/O, packets, bytes)."""
+    _request(sock, "devices")
+
+
+@app.command(epilog="Example: kasou balloon --sock /tmp/vm.sock --target 256M")
+def balloon(
+    sock: SockOption,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Memory to take from the guest, like 256M (0 gives it all back)."),
+    ] = None,
+) -> None:
+    """Show the balloon's state and statistics, or set its target."""
+    if target is None:
+        _request(sock, "balloon")
+    else:
+        _request(sock, "balloon", target=target)
 
 
 @app.command(epilog="Example: kasou stop --sock /tmp/vm.sock")

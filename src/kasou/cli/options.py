@@ -13,6 +13,8 @@ class RunOption(NamedTuple):
     default: str | int | None = None
     kind: type = str
     choices: tuple[str, ...] = ()
+    repeat: bool = False  # may be given several times: a list, None when never given
+    flag: bool = False  # takes no value: True when given
 
 
 RUN_OPTIONS = (
@@ -29,6 +31,31 @@ RUN_OPTIONS = (
         "exit",
         choices=("exit", "restart"),
     ),
+    RunOption(
+        "disk",
+        "A virtio-blk disk: PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=512|4096]. "
+        "Repeatable; the first is /dev/vda.",
+        repeat=True,
+    ),
+    RunOption(
+        "net",
+        "A virtio-net interface on a TAP: [tap=NAME][,mac=MAC] (an empty value: a new TAP). "
+        "Repeatable.",
+        repeat=True,
+    ),
+    RunOption(
+        "vsock",
+        "A virtio-vsock device: cid=N,uds=PATH (host side on Unix sockets, as Firecracker).",
+    ),
+    RunOption("rng", "A virtio-rng device (the host's getrandom).", False, bool, flag=True),
+    RunOption(
+        "balloon",
+        "A virtio-balloon device (target set through the control socket).",
+        False,
+        bool,
+        flag=True,
+    ),
+    RunOption("virtio-console", "A virtio-console (hvc0, plus a second port on sock=PATH)."),
 )
 
 RUN_EXAMPLE = (

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the builders themselves are imported when first needed
 
 __all__ = [
     "CMDLINE",
+    "ROOT_ON_DISK",
     "DefaultGuest",
     "ImageBuildError",
     "Progress",
@@ -47,6 +48,10 @@ CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 controller (there is no ACPI); on a panic, reboot at once so the VMM sees the guest end."""
 
 
+ROOT_ON_DISK = "root=/dev/vda rw"
+"""Added to ``CMDLINE`` when the root disk is /dev/vda rather than the initramfs."""
+
+
 @dataclass(frozen=True)
 class DefaultGuest:
     kernel: Path
@@ -58,7 +63,12 @@ class DefaultGuest:
     rootfs: Path
     """The ext4 root disk image. Shared by every user of the cache: copy it before writing."""
     cmdline: str
-    """The command line the guest wants."""
+    """The command line the guest wants (booted with the initramfs)."""
+
+    @property
+    def disk_cmdline(self) -> str:
+        """The command line for booting the root disk as the first virtio-blk disk."""
+        return f"{self.cmdline} {ROOT_ON_DISK}"
 
 
 def default_guest(build: bool = True, progress: Progress | None = None) -> DefaultGuest:

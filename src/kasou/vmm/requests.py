@@ -21,17 +21,20 @@ class RequestKind(enum.Enum):
     RESUME = "resume"
     STOP = "stop"
     EXEC = "exec"
+    DEVICES = "devices"
+    BALLOON = "balloon"
 
 
 @dataclass(frozen=True)
 class Request:
-    """One request. Only ``exec`` has arguments: the command, its stdin (text), and how long
-    it may run, in seconds."""
+    """One request. ``exec`` has the command, its stdin (text) and how long it may run, in
+    seconds; ``balloon`` an optional new target size in bytes."""
 
     kind: RequestKind
     argv: tuple[str, ...] = ()
     stdin: str = ""
     timeout: float = 60.0
+    target: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,12 @@ def parse_request(message: object) -> Request:
     except ValueError:
         known = ", ".join(kind.value for kind in RequestKind)
         raise ConfigError("request", f"unknown request {name!r}: use one of {known}") from None
-    allowed = {"request", "argv", "stdin", "timeout"} if kind is RequestKind.EXEC else {"request"}
+    allowed = {"request"} | _ARGUMENTS.get(kind, set())
     extra = set(message) - allowed
     if extra:
         raise ConfigError("request", f"{name} does not take {', '.join(sorted(extra))}")
+    if kind is RequestKind.BALLOON:
+        return Request(kind, target=_balloon_target(message.get("target")))
     if kind is not RequestKind.EXEC:
         return Request(kind)
     argv = message.get("argv")
@@ -88,3 +93,26 @@ def parse_request(message: object) -> Request:
     ):
         raise ConfigError("timeout", "timeout must be a number of seconds, above 0, at most 86400")
     return Request(kind, tuple(argv), stdin, float(timeout))
+
+
+_ARGUMENTS = {
+    RequestKind.EXEC: {"argv", "stdin", "timeout"},
+    RequestKind.BALLOON: {"target"},
+}
+
+
+def _balloon_target(value: object) -> int | None:
+    """A balloon target: bytes as a number, or a size like "256M"; None leaves it as it is."""
+    if value is None:
+        return None
+    from kasou.memory import parse_size
+
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError("target", 'give the balloon target as bytes or a size like "256M"')
+    try:
+        size = parse_size(value) if isinstance(value, str) else value
+    except ValueError as error:
+        raise ConfigError("target", str(error)) from None
+    if size < 0:
+        raise ConfigError("target", "the balloon target cannot be negative")
+    return size

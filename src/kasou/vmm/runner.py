@@ -67,6 +67,10 @@ class _Session:
             return lambda: self._exec(request)
         if vm is None:
             return Reply(True, {"state": "booting"})
+        if request.kind is RequestKind.DEVICES:
+            return Reply(True, {"devices": vm.device_list()})
+        if request.kind is RequestKind.BALLOON:
+            return Reply(True, vm.balloon(request.target))
         if request.kind is RequestKind.PAUSE:
             vm.pause()
         elif request.kind is RequestKind.RESUME:
@@ -75,6 +79,8 @@ class _Session:
         status["boots"] = self.boots
         status["uptime"] = round(time.monotonic() - self.started, 3)
         status["agent"] = {"ready": self.agent.ready_ns is not None, "version": self.agent.version}
+        if vm.config.vsock is not None:
+            status["vsock"] = {"cid": vm.config.vsock.cid, "uds": str(vm.config.vsock.uds)}
         if self.agent.ready_ns is not None:
             status["agent"]["ready_ns"] = self.agent.ready_ns  # CLOCK_MONOTONIC
         return Reply(True, status)

@@ -151,6 +151,51 @@ class Vm:
             else {"kind": ending.kind.value, "reason": ending.reason},
         }
 
+    def virtio(self) -> dict[str, Any]:
+        """The virtio transports by device id (``block0``, ``net0``, ``vsock``, ...)."""
+        from kasou.devices.virtio import VirtioMmio
+
+        return {key: dev for key, dev in self.devices.items() if isinstance(dev, VirtioMmio)}
+
+    def device_list(self) -> list[dict[str, Any]]:
+        """What the ``devices`` request shows: each virtio device, its state and counters."""
+        listed = []
+        for key, transport in self.virtio().items():
+            device = transport.device
+            listed.append(
+                {
+                    "id": key,
+                    "type": device.device_type.name.lower(),
+                    "active": device.active,
+                    "needs_reset": device.broken,
+                    "features": f"{device.driver_features:#x}",
+                    "interrupts": transport.interrupts,
+                    "counters": device.counters(),
+                }
+            )
+        return listed
+
+    def balloon(self, target: int | None) -> dict[str, Any]:
+        """Set the balloon's target (bytes, when given) and report its state."""
+        from kasou.errors import ConfigError
+
+        transport = self.virtio().get("balloon")
+        if transport is None:
+            raise ConfigError("balloon", "this VM has no balloon: start it with --balloon")
+        balloon = transport.device
+        if target is not None:
+            if target > self.memory.size:
+                raise ConfigError(
+                    "target", f"{target} bytes is more than the guest's {self.memory.size}"
+                )
+            balloon.set_target(target)
+        return {
+            "target": balloon.target,
+            "actual": balloon.actual,
+            "stats": balloon.stats(),
+            "counters": balloon.counters(),
+        }
+
     def close(self) -> None:
         """Stop the VM if needed and release everything it holds: threads, fds, memory."""
         self.stop("closed")
