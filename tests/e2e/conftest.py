@@ -85,6 +85,10 @@ class RunningGuest:
     def console_text(self) -> str:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
 
+    def vmm_rss_total(self) -> int:
+        """kasou's whole resident memory, guest RAM included."""
+        return resident_bytes(self.process.pid)
+
     def vmm_rss(self) -> int:
         """kasou's resident memory outside guest RAM (mappings at least as large as it)."""
         return resident_bytes(self.process.pid, lambda low, high: high - low >= self.memory)
@@ -102,7 +106,10 @@ Launcher = Callable[..., RunningGuest]
 
 @pytest.fixture
 def launch(tmp_path: Path, default_guest: Any) -> Iterator[Launcher]:
-    """``launch(vcpus=1, memory="256M", kernel=None, initrd=None, cmdline=None, *extra)``."""
+    """``launch(*extra, vcpus=1, memory="256M", kernel=None, initrd=None, cmdline=None,
+    root_disk=False)``. With ``root_disk`` the default guest boots as ``kasou run`` does it
+    without --kernel: its root disk on virtio-blk through a throw-away qcow2 overlay, the
+    agent on vsock too, an rng; ``cmdline`` is then added to the guest's own."""
     started: list[RunningGuest] = []
 
     def start(
@@ -112,18 +119,25 @@ def launch(tmp_path: Path, default_guest: Any) -> Iterator[Launcher]:
         kernel: Path | None = None,
         initrd: Path | None = None,
         cmdline: str | None = None,
+        root_disk: bool = False,
     ) -> RunningGuest:
         index = len(started)
         sock, console = tmp_path / f"vm{index}.sock", tmp_path / f"console{index}.log"
+        if root_disk:
+            boot = ["--cmdline", f"{default_guest.disk_cmdline} {cmdline or ''}".strip()]
+        else:
+            boot = [
+                "--kernel",
+                str(kernel or default_guest.kernel),
+                "--initrd",
+                str(initrd or default_guest.initrd),
+                "--cmdline",
+                cmdline or default_guest.cmdline,
+            ]
         command = [
             KASOU,
             "run",
-            "--kernel",
-            str(kernel or default_guest.kernel),
-            "--initrd",
-            str(initrd or default_guest.initrd),
-            "--cmdline",
-            cmdline or default_guest.cmdline,
+            *boot,
             "--vcpus",
             str(vcpus),
             "--memory",

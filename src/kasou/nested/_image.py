@@ -77,8 +77,16 @@ _META_PACKAGE = "linux-image-amd64"
 # The modules /init loads, named by what they give; resolve_modules adds what they depend on
 # (for Debian 12's 6.1: 9pnet netfs fscache 9p virtio_ring virtio 9pnet_virtio
 # virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console irqbypass kvm ccp
-# kvm_amd overlay).
-_WANTED_MODULES = ("9p", "9pnet_virtio", "virtio_pci", "virtio_console", "kvm_amd", "overlay")
+# kvm_amd overlay tun).
+_WANTED_MODULES = (
+    "9p",
+    "9pnet_virtio",
+    "virtio_pci",
+    "virtio_console",
+    "kvm_amd",
+    "overlay",
+    "tun",  # TAP devices for the guests' virtio-net interfaces
+)
 _BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 
 # /init, run by busybox sh as PID 1 of the outer VM. @MODULES@ becomes the module names in
