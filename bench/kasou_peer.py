@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,10 @@ def run_guest(
     cpus: int = 1,
     memory: str = "64M",
     env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
 ) -> KasouRun:
-    """Boot ``elf`` with ``cmdline`` under kasou until the guest ends; stamp each line."""
+    """Boot ``elf`` with ``cmdline`` under kasou until the guest ends; stamp each line.
+    ``extra`` goes on kasou's command line (``--disk PATH``, ...)."""
     start = time.monotonic()
     process = subprocess.Popen(
         [
@@ -54,6 +57,7 @@ def run_guest(
             str(cpus),
             "--cmdline",
             cmdline,
+            *extra,
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

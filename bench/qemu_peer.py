@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -96,14 +97,18 @@ def qemu_command(
     cpus: int = 1,
     memory_mib: int = 64,
     qmp: Path | None = None,
+    machine: str | None = None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line that boots ``elf`` with ``cmdline``, COM1 on stdio.
 
     ``cpus`` become separate sockets: SeaBIOS lists only the first logical CPU of each
-    package in its MP table, and the guest's ``smp`` workload reads that table.
+    package in its MP table, and the guest's ``smp`` workload reads that table. ``machine``
+    is ``-M`` (QEMU's default PC when None); ``extra`` is appended (devices, drives).
     """
     command = [
         QEMU,
+        *(["-M", machine] if machine else []),
         *(["-enable-kvm"] if kvm else ["-accel", "tcg"]),
         "-m",
         str(memory_mib),
@@ -124,18 +129,28 @@ def qemu_command(
     ]
     if qmp is not None:
         command += ["-qmp", f"unix:{qmp},server=on,wait=off"]
-    return command
+    return command + list(extra)
 
 
 class QemuGuest:
     """A running QEMU with the guest; use as a context manager (it kills QEMU on exit)."""
 
     def __init__(
-        self, elf: Path, cmdline: str, *, kvm: bool = False, cpus: int = 1, qmp: bool = False
+        self,
+        elf: Path,
+        cmdline: str,
+        *,
+        kvm: bool = False,
+        cpus: int = 1,
+        qmp: bool = False,
+        machine: str | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="kasou-qemu-")
         self._qmp_path = Path(self._tmp.name) / "qmp.sock" if qmp else None
-        self.command = qemu_command(elf, cmdline, kvm=kvm, cpus=cpus, qmp=self._qmp_path)
+        self.command = qemu_command(
+            elf, cmdline, kvm=kvm, cpus=cpus, qmp=self._qmp_path, machine=machine, extra=extra
+        )
         self._lines: queue.Queue[Line | None] = queue.Queue()
         self.lines: list[Line] = []
         self.stderr = ""
@@ -278,10 +293,17 @@ class QemuGuest:
 
 
 def run_guest(
-    elf: Path, cmdline: str, *, kvm: bool = False, cpus: int = 1, timeout: float = 120.0
+    elf: Path,
+    cmdline: str,
+    *,
+    kvm: bool = False,
+    cpus: int = 1,
+    timeout: float = 120.0,
+    machine: str | None = None,
+    extra: Sequence[str] = (),
 ) -> QemuRun:
     """Boots a workload that ends by itself and returns what it printed."""
-    with QemuGuest(elf, cmdline, kvm=kvm, cpus=cpus) as guest:
+    with QemuGuest(elf, cmdline, kvm=kvm, cpus=cpus, machine=machine, extra=extra) as guest:
         return guest.wait_exit(timeout)
 
 

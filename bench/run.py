@@ -14,7 +14,10 @@ Sections (issue: core VMM):
 - memory: resident memory of the VMM process outside guest RAM (mappings at least as large as
   the guest's memory), with a 512 MiB guest that has booted;
 - boot: the default Linux guest, kasou beside QEMU -M microvm (bench/boot.py), directly on a
-  host whose KVM boots Linux, else inside `kasou nested`.
+  host whose KVM boots Linux, else inside `kasou nested`;
+- virtio-blk: sequential 64 KiB read and write MB/s and 4 KiB random-read IOPS through the
+  guest kit's own virtio driver, kasou beside QEMU -M microvm on the same raw file, with the
+  host's own preadv figures on that file (bench/virtio_blk.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kasou_peer
 import qemu_peer
+import virtio_blk
 from kasou._sys.proc import resident_bytes
 from kasou.guestkit import build_guest
 
@@ -148,7 +152,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200_000, help="exits per loop")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=("exits", "start", "memory", "boot"), action="append")
+    parser.add_argument(
+        "--only", choices=("exits", "start", "memory", "boot", "virtio-blk"), action="append"
+    )
     parser.add_argument("--boot-runs", type=int, default=10)
     args = parser.parse_args()
     with_qemu = shutil.which(qemu_peer.QEMU) is not None and qemu_peer.kvm_usable()
@@ -159,13 +165,15 @@ def main() -> int:
     from kasou.kvm.host import probe_host
 
     print(probe_host().backend.value)
-    sections = args.only or ["exits", "start", "memory", "boot"]
+    sections = args.only or ["exits", "start", "memory", "virtio-blk", "boot"]
     if "exits" in sections:
         bench_exits(elf, args.count, args.repeats, with_qemu)
     if "start" in sections:
         bench_start(elf, max(args.repeats, 10))
     if "memory" in sections:
         bench_memory(elf, args.repeats, with_qemu)
+    if "virtio-blk" in sections:
+        virtio_blk.bench_virtio_blk(elf, args.repeats, with_qemu)
     if "boot" in sections:
         bench_boot(args.boot_runs)
     return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,9 @@ BootFactory = Callable[..., Booted]
 
 @pytest.fixture
 def boot(guest_elf: Path) -> Iterator[BootFactory]:
-    """``boot(workload, vcpus=1, memory=64M, extra=(), **args)`` starts a VM running it."""
+    """``boot(workload, vcpus=1, memory=64M, extra=(), settings={}, before_start=None,
+    **args)`` starts a VM running it. ``settings`` are more ``VmConfig`` fields (disks,
+    nets, vsock, rng, ...); ``before_start`` gets the built VM before its vCPUs run."""
     booted: list[tuple[Booted, int]] = []
 
     def factory(
@@ -124,7 +126,9 @@ def boot(guest_elf: Path) -> Iterator[BootFactory]:
         vcpus: int = 1,
         memory: int = 64 << 20,
         extra: Sequence[ExtraDevice] = (),
-        **args: int,
+        settings: Mapping[str, Any] | None = None,
+        before_start: Callable[[Vm], None] | None = None,
+        **args: int | str,
     ) -> Booted:
         console = ConsoleCapture()
         config = VmConfig(
@@ -133,11 +137,15 @@ def boot(guest_elf: Path) -> Iterator[BootFactory]:
             vcpus=vcpus,
             memory=memory,
             console=ConsoleConfig("none"),
+            # No virtio device unless asked: slot 0 would sit on TEST_MMIO_BASE.
+            **{"rng": False, **(settings or {})},
         )
         vm = build_vm(config, console_output=console.write, extra_devices=extra)
         baseline = _rss_outside(vm.memory)
         result = Booted(vm, console)
         booted.append((result, baseline))
+        if before_start is not None:
+            before_start(vm)
         vm.start()
         return result
 

@@ -14,9 +14,25 @@ from kasou.cli import main
 from kasou.cli.app import app
 from kasou.cli.fastrun import parser
 
-COMMANDS = {"run", "host", "status", "pause", "resume", "stop", "exec", "image", "nested", "demo"}
+COMMANDS = {
+    "run",
+    "host",
+    "status",
+    "pause",
+    "resume",
+    "stop",
+    "exec",
+    "image",
+    "nested",
+    "demo",
+    "disk",
+}
 # Every command a user can run, as words after "kasou" (groups name their subcommands).
-LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image"})] + [["image", "build"]]
+LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image", "disk"})] + [
+    ["image", "build"],
+    ["disk", "create"],
+    ["disk", "info"],
+]
 
 
 def _typer_run_options() -> dict[str, Any]:

@@ -214,3 +214,10 @@ def test_cmdline_names_the_workload_and_its_arguments() -> None:
         cmdline("nosuch")
     with pytest.raises(ConfigError, match="negative"):
         cmdline("echo", n=-1)
+
+
+def test_cmdline_passes_text_arguments_as_one_printable_word() -> None:
+    assert cmdline("vnet", payload="ping-1", irq=1) == "kasou.test=vnet payload=ping-1 irq=1"
+    for bad in ("two words", "", "tab\there", "é"):
+        with pytest.raises(ConfigError, match="printable ASCII"):
+            cmdline("vnet", payload=bad)

@@ -243,3 +243,70 @@ def test_close_releases_the_mappings() -> None:
     assert memory.size == 0
     with pytest.raises(GuestMemoryError):
         memory.read(0, 1)
+
+
+# --- giving pages back to the host ------------------------------------------------------------
+
+PAGE = 4096
+
+
+def _resident_pages(memory: GuestMemory, gpa: int, size: int) -> int:
+    """How many pages of ``[gpa, gpa + size)`` occupy host memory now (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    flags = ctypes.create_string_buffer(size // PAGE)
+    if libc.mincore(memory.host_address(gpa, size), size, flags) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(byte & 1 for byte in flags.raw)
+
+
+@pytest.mark.parametrize("backing", ["anonymous", "memfd"])
+def test_discard_gives_pages_back_and_they_read_zero(backing: str) -> None:
+    memory = GuestMemory.create([LOW, HIGH], backing=backing)  # type: ignore[arg-type]
+    try:
+        for gpa in (0x10000, 4 * GIB + 0x4000):
+            memory.fill(gpa, 8 * PAGE, 0x5A)
+            assert _resident_pages(memory, gpa, 8 * PAGE) == 8
+            assert memory.discard(gpa + 2 * PAGE, 4 * PAGE) == 4 * PAGE
+            # Only the four pages left host memory; the pages around them kept their bytes.
+            assert _resident_pages(memory, gpa, 8 * PAGE) == 4
+            assert memory.read(gpa + 2 * PAGE, 4 * PAGE) == bytes(4 * PAGE)
+            assert memory.read(gpa, 2 * PAGE) == b"\x5a" * 2 * PAGE
+            assert memory.read(gpa + 6 * PAGE, 2 * PAGE) == b"\x5a" * 2 * PAGE
+        if backing == "memfd":
+            # The shared object itself lost the pages: another mapping of the fd sees zeros.
+            fd = memory.regions[0].fd
+            assert fd is not None
+            assert os.pread(fd, PAGE, 0x10000 + 2 * PAGE) == bytes(PAGE)
+    finally:
+        memory.close()
+
+
+def test_discard_keeps_the_partial_pages_at_the_ends(memory: GuestMemory) -> None:
+    memory.fill(0, 4 * PAGE, 0x77)
+    # From the middle of page 0 to the middle of page 3: only pages 1 and 2 are whole.
+    assert memory.discard(PAGE // 2, 3 * PAGE) == 2 * PAGE
+    assert memory.read(0, PAGE) == b"\x77" * PAGE
+    assert memory.read(PAGE, 2 * PAGE) == bytes(2 * PAGE)
+    assert memory.read(3 * PAGE, PAGE) == b"\x77" * PAGE
+    assert memory.discard(0x100, 0x200) == 0  # no whole page inside
+    assert memory.read(0, PAGE) == b"\x77" * PAGE
+
+
+@pytest.mark.parametrize(
+    ("gpa", "size"),
+    [
+        (LOW[1] - PAGE, 2 * PAGE),
+        (LOW[1], PAGE),
+        (3 * GIB, PAGE),
+        (0, LOW[1] + HIGH[1]),
+        (-PAGE, PAGE),
+    ],
+)
+def test_discard_outside_one_region_is_refused_and_changes_nothing(
+    memory: GuestMemory, gpa: int, size: int
+) -> None:
+    memory.fill(LOW[1] - PAGE, PAGE, 0x33)
+    with pytest.raises(GuestMemoryError, match="not inside guest RAM"):
+        memory.discard(gpa, size)
+    assert memory.read(LOW[1] - PAGE, PAGE) == b"\x33" * PAGE

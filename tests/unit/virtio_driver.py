@@ -9,10 +9,12 @@ thread, as in a VM; waits block on the interrupt with a deadline, never sleep.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from kasou.devices.virtio import VirtioMmio
 from kasou.devices.virtio.spec import (
@@ -28,6 +30,30 @@ from kasou.devices.virtio.spec import (
 from kasou.memory import GuestMemory
 
 WAIT = 10.0
+PAGE = 4096
+
+
+class Reactor(Protocol):
+    def call_soon(self, function: Callable[[], None]) -> None: ...
+
+
+def settle(loop: Reactor, timeout: float = WAIT) -> None:
+    """Return once the loop has handled every fd that was ready when this was called (a
+    notification just written, say): a call made from within a call runs on the loop's next
+    turn, after the handlers of the turn before."""
+    done = threading.Event()
+    loop.call_soon(lambda: loop.call_soon(done.set))
+    assert done.wait(timeout), "the event loop did not come round"
+
+
+def resident_pages(memory: GuestMemory, gpa: int, size: int) -> int:
+    """How many pages of ``[gpa, gpa + size)`` (page aligned) occupy host memory (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    flags = ctypes.create_string_buffer(size // PAGE)
+    if libc.mincore(memory.host_address(gpa, size), size, flags) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(byte & 1 for byte in flags.raw)
 
 
 class CountingTrigger:
@@ -54,6 +80,12 @@ class DriverQueue:
         self.desc = driver.alloc(16 * size, 16)
         self.avail = driver.alloc(6 + 2 * size, 2)
         self.used = driver.alloc(6 + 8 * size, 4)
+        for address, length in (
+            (self.desc, 16 * size),
+            (self.avail, 6 + 2 * size),
+            (self.used, 6 + 8 * size),
+        ):
+            driver.memory.fill(address, length, 0)  # as Linux's zeroed ring allocations
         self.free = list(range(size))
         self.avail_idx = 0
         self.last_used = 0
@@ -216,6 +248,26 @@ class Driver:
         self.publish(queue_index, head, notify=notify)
         return head, parts
 
+    def submit_at(
+        self,
+        queue_index: int,
+        parts: Sequence[tuple[int, int, bool]],
+        *,
+        notify: bool = True,
+    ) -> int:
+        """Make one chain of buffers the test laid out itself available: (address, size,
+        device-writable) each, in order, not checked. Returns its head."""
+        queue = self.queues[queue_index]
+        slots = [queue.free.pop(0) for _ in parts]
+        for i, (address, size, write) in enumerate(parts):
+            flags = (VIRTQ_DESC_F_WRITE if write else 0) | (
+                VIRTQ_DESC_F_NEXT if i + 1 < len(parts) else 0
+            )
+            following = slots[i + 1] if i + 1 < len(parts) else 0
+            self.write_desc(queue, slots[i], address, size, flags, following)
+        self.publish(queue_index, slots[0], notify=notify)
+        return slots[0]
+
     def publish(self, queue_index: int, head: int, *, notify: bool = True) -> None:
         queue = self.queues[queue_index]
         self.memory.write_int(queue.avail + 4 + 2 * (queue.avail_idx % queue.size), 2, head)
@@ -244,6 +296,11 @@ class Driver:
             self.set_used_event(queue_index, queue.last_used)  # as virtqueue_enable_cb does
         deadline = time.monotonic() + timeout
         while (self.used_idx(queue_index) - queue.last_used) & 0xFFFF < count:
+            if self.event_idx:
+                # Ask for an interrupt for the next entry after those already there: with
+                # used_event left at last_used, entries that come in later batches than the
+                # first raise none.
+                self.set_used_event(queue_index, self.used_idx(queue_index))
             seen = self.trigger.count
             if (self.used_idx(queue_index) - queue.last_used) & 0xFFFF >= count:
                 break
@@ -256,6 +313,17 @@ class Driver:
             self.write(Reg.INTERRUPT_ACK, self.read(Reg.INTERRUPT_STATUS))
         entries = []
         for _ in range(count):
+            slot = queue.last_used % queue.size
+            head, length = struct.unpack("<II", self.memory.read(queue.used + 4 + 8 * slot, 8))
+            entries.append((head, length))
+            queue.last_used = (queue.last_used + 1) & 0xFFFF
+        return entries
+
+    def take_used(self, queue_index: int) -> list[tuple[int, int]]:
+        """The used entries (head, len) there now, without waiting; none is an empty list."""
+        queue = self.queues[queue_index]
+        entries = []
+        while queue.last_used != self.used_idx(queue_index):
             slot = queue.last_used % queue.size
             head, length = struct.unpack("<II", self.memory.read(queue.used + 4 + 8 * slot, 8))
             entries.append((head, length))

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from kasou.cli.disk import disk_app
 from kasou.cli.options import RUN_EXAMPLE
 
 __all__ = ["app"]
@@ -216,27 +217,67 @@ def stop(sock: SockOption) -> None:
 def exec_(
     sock: SockOption,
     command: Annotated[list[str], typer.Argument(help="The command and its arguments.")],
-    timeout: Annotated[float, typer.Option(help="Seconds the command may run.")] = 60.0,
+    timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Seconds the command may run (default: no limit; 60 over COM2)."),
+    ] = None,
+    interactive: Annotated[
+        bool,
+        typer.Option("--interactive", "-i", help="Forward stdin even when it is a terminal."),
+    ] = False,
+    tty: Annotated[
+        bool,
+        typer.Option(
+            "--tty", "-t", help="Run the command on a terminal in the guest (implies -i)."
+        ),
+    ] = False,
 ) -> None:
-    """Run a command in the guest through its agent; exit with the command's status."""
-    import sys
+    """Run a command in the guest through its agent; exit with the command's status.
 
-    from kasou.client import ControlClient
+    With the VM's vsock device, output streams as it comes, stdin is forwarded unless it is
+    a terminal (-i forwards it anyway), and Ctrl-C, SIGTERM and SIGHUP reach the command.
+    Without it, the command runs over COM2 and its output comes at the end."""
+    from kasou.cli.guest import exec_command
     from kasou.errors import KasouError
 
-    stdin = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     try:
-        with ControlClient(sock) as client:
-            result = client.execute(command, stdin=stdin, timeout=timeout)
+        status = exec_command(sock, command, timeout=timeout, interactive=interactive, tty=tty)
     except KasouError as error:
         _fail(error)
-    sys.stdout.write(result["stdout"])
-    sys.stderr.write(result["stderr"])
-    raise typer.Exit(int(result["status"]))
+    raise typer.Exit(status)
+
+
+@app.command(
+    "cp",
+    epilog="Example: kasou cp --sock /tmp/vm.sock ./dir :/root/",
+)
+def cp(
+    sock: SockOption,
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="SRC... DEST, guest paths written :PATH.", metavar="SRC... DEST"),
+    ],
+) -> None:
+    """Copy files or directory trees into the guest or out of it (needs the VM's vsock).
+
+    Guest paths are written :PATH (kasou cp --sock S :/etc/hostname ./). An existing
+    directory receives the sources under their own names; otherwise the one source gets
+    that name. Directories go recursively, symbolic links as links. Copies to the host
+    refuse anything that would land outside DEST, keep files' permission bits but not
+    setuid/setgid or group/other write, and give directories default modes."""
+    from kasou.cli.guest import cp_command
+    from kasou.errors import KasouError
+
+    try:
+        status = cp_command(sock, paths)
+    except KasouError as error:
+        _fail(error)
+    raise typer.Exit(status)
 
 
 image_app = typer.Typer(help="The default guest image.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+app.add_typer(disk_app, name="disk")
 
 
 @image_app.command("build", epilog="Example: kasou image build")

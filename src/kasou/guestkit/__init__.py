@@ -21,9 +21,11 @@ IDT and page tables (the first 4 GiB identity-mapped, user-accessible, the top G
 uncached), masks the 8259s and runs the workload the command line names, mostly in ring 3.
 
 Ring 3 reaches ring 0 with ``ud2``: the #UD handler checks for the ud2 bytes and a ring-3
-CS, does the service in RAX (args RDI, RSI; result RAX: putc 0, write 1, getc 2, outb 3,
-inb 4, outw 5, inw 6, outl 7, inl 8, reset 9, halt 10, exit 11) and returns past it. On PVM
-(shared/ENVIRONMENT.md) `int N` and `syscall` from ring 3 are broken; exceptions work.
+CS, does the service in RAX (args RDI, RSI, RDX; result RAX: putc 0, write 1, getc 2, outb 3,
+inb 4, outw 5, inw 6, outl 7, inl 8, reset 9, halt 10, exit 11, route a virtio interrupt 12,
+wait for one 13) and returns past it. On PVM (shared/ENVIRONMENT.md) `int N` and `syscall`
+from ring 3 are broken; exceptions work. A machine without an i8042 (QEMU's microvm) is
+ended with a triple fault instead of the i8042 reset.
 
 Workloads
 ---------
@@ -59,7 +61,50 @@ counter    ring 3 zeroes the 64-bit counter at ``COUNTER_GPA``, prints
 triple     prints ``triple fault next``, loads an empty IDT and faults: a triple fault.
 reset      prints ``resetting`` and resets through the i8042.
 wait       prints ``ready`` and halts with interrupts off, forever.
+vlist      one line per virtio-mmio device found, ``virtio id=D base=0x... vendor=0x...
+           ioapic=0x... pin=P``, then ``virtio devices=N``.
+vblk       ``sector=S count=N`` (1, 8), on the first block device: ``vblk capacity=<sectors>
+           blk_size=<n> ro=<0|1>``, ``vblk serial=<id>`` (GET_ID), ``vblk sector0
+           crc=0x<crc32>`` (zlib's CRC-32 of sector 0 as read). Writable disk: writes
+           ``vblk_pattern(S, N)`` there, ``vblk write sector=S count=N status=0``, flushes
+           (``vblk flush status=0``), reads back and compares (``vblk verify sector=S
+           count=N ok``). Read-only disk: one write, which must fail with
+           VIRTIO_BLK_S_IOERR: ``vblk ro-write status=1``. Then ``vblk ok``.
+vblk-bench ``mode=read|write|randread size=BYTES count=N depth=D`` (read, 65536, 1000, 1;
+           also ``sector=S span=SECTORS``): N requests of BYTES, D in flight, sequential
+           from S wrapping within SPAN (the disk) or random BYTES-aligned blocks in it.
+           ``vblk-bench start mode=... bytes=B``, then ``vblk-bench end bytes=B
+           notifies=K irqs=I`` (QueueNotify writes, interrupts taken): time between the two.
+vrng       two reads of 64 bytes from virtio-rng: ``vrng 1 <hex>``, ``vrng 2 <hex>``, then
+           ``vrng ok``; fails if both are all zero or they are equal.
+vnet       ``payload=TEXT`` (kasou): ``vnet mac=<config MAC>``, posts receive buffers, sends
+           one broadcast frame of ethertype ``VNET_ETHERTYPE`` carrying TEXT (zero-padded to
+           60 bytes) with a zeroed 12-byte virtio_net_hdr_v1, prints ``vnet tx len=L``, then
+           waits for a frame of that ethertype (others are skipped):
+           ``vnet rx len=L src=<MAC> payload=<text>``, ``vnet skipped=K``, ``vnet ok``.
+vsock      ``port=P lport=L payload=TEXT`` (1234, 49152, kasou-vsock): ``vsock
+           guest_cid=C``; connects to the host (CID 2) port P: ``vsock connected port=P
+           lport=L peer_buf_alloc=B``; sends TEXT (``vsock tx len=N``), reads N bytes back
+           (``vsock rx len=N data=<text>``), sends SHUTDOWN and waits for the host's RST
+           (``vsock closed by=host``; ``by=guest`` when it sent RST after a timeout),
+           ``vsock skipped=K``, ``vsock ok``.
+vbad       ``sector=S`` (1): malformed chains on the first block device, one line each:
+           ``vbad CASE used len=L status=S`` (returned; refused when L is 0 or S an error),
+           ``vbad CASE needs-reset`` (the device set NEEDS_RESET; the guest resets it),
+           ``vbad CASE accepted ...`` or ``vbad CASE no-answer ...`` (neither: a failure).
+           Cases: ``outside-ram`` (a buffer at 256 GiB), ``loop``, ``readonly-status`` (every
+           descriptor device-readable), ``longer-than-queue`` (every descriptor in one
+           endless chain), ``indirect-length`` (an indirect table of 52 bytes). Then the
+           first device must serve a read (``vbad first-device ok``) and the second block
+           device a write and read of sector S (``vbad second-device ok``): ``vbad ok``.
 ========== ===================================================================================
+
+The virtio workloads (virtio 1.2, virtio-mmio version 2 only, split virtqueues) run in ring 3
+and need 16 MiB of guest RAM. They find devices in kasou's windows (``0xd0000000 + n *
+0x1000``) and QEMU microvm's (``0xfeb00000 + n * 0x200``; QEMU's virtio-mmio is modern only
+with ``-global virtio-mmio.force-legacy=false``), in the order they were configured.
+``irq=1`` makes them wait for the device's interrupt (routed through the IOAPIC, halting in
+ring 0) instead of polling the used ring.
 
 Usage::
 
@@ -69,6 +114,8 @@ Usage::
 """
 
 from __future__ import annotations
+
+import struct
 
 from kasou.errors import ConfigError
 from kasou.guestkit.build import (
@@ -93,6 +140,7 @@ __all__ = [
     "LOAD_ADDR",
     "TEST_MMIO_BASE",
     "TEST_PIO_BASE",
+    "VNET_ETHERTYPE",
     "WORKLOADS",
     "GuestImage",
     "GuestKitError",
@@ -102,6 +150,7 @@ __all__ = [
     "default_cache_dir",
     "inspect_guest",
     "refused_instructions",
+    "vblk_pattern",
 ]
 
 WORKLOADS = (
@@ -116,19 +165,50 @@ WORKLOADS = (
     "triple",
     "reset",
     "wait",
+    "vlist",
+    "vblk",
+    "vblk-bench",
+    "vrng",
+    "vnet",
+    "vsock",
+    "vbad",
 )
 BOOT_PREFIX = "kasou-guest: boot="
+VNET_ETHERTYPE = 0x88B5  # IEEE 802 local experimental ethertype 1: the vnet workload's frames
+SECTOR = 512
 DONE_LINE = "kasou-guest: done"
 FAIL_PREFIX = "kasou-guest: fail "
 
 
-def cmdline(test: str, **args: int) -> str:
-    """The command line that runs workload ``test`` with ``key=value`` arguments."""
+def cmdline(test: str, **args: int | str) -> str:
+    """The command line that runs workload ``test`` with ``key=value`` arguments.
+
+    Numbers go as decimal (``addr`` and ``port`` as hex, which the guest reads too); text
+    (``mode``, ``payload``) as itself, one word of printable ASCII.
+    """
     if test not in WORKLOADS:
         raise ConfigError("kasou.test", f"unknown workload {test!r}: one of {', '.join(WORKLOADS)}")
     words = [f"kasou.test={test}"]
     for key, value in args.items():
+        if isinstance(value, str):
+            if not value or not all("!" <= ch <= "~" for ch in value) or len(value) > 127:
+                raise ConfigError(
+                    key, f"{value!r} is not one word of printable ASCII (1 to 127 characters)"
+                )
+            words.append(f"{key}={value}")
+            continue
         if value < 0:
             raise ConfigError(key, f"{value} is negative: the guest reads unsigned numbers")
         words.append(f"{key}={value:#x}" if key in ("addr", "port") else f"{key}={value}")
     return " ".join(words)
+
+
+def vblk_pattern(sector: int, count: int) -> bytes:
+    """What the ``vblk`` workload writes to ``count`` sectors from ``sector``: little-endian
+    32-bit word ``j`` of sector ``s`` is ``s * 0x9e3779b1 + j`` modulo 2**32."""
+    words = (
+        (s * 0x9E3779B1 + j) & 0xFFFFFFFF
+        for s in range(sector, sector + count)
+        for j in range(SECTOR // 4)
+    )
+    return struct.pack(f"<{count * SECTOR // 4}I", *words)

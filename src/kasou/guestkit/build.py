@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 SOURCE_DIR = Path(__file__).with_name("src")
-_SOURCES = ("head.S", "kernel.c", "user.c", "lib.c")
+_SOURCES = ("head.S", "kernel.c", "user.c", "lib.c", "virtio.c", "vwork.c")
 _LINKER_SCRIPT = "guest.ld"
 _SOURCE_SUFFIXES = frozenset({".c", ".S", ".h", ".ld"})
 _ABANDONED_AFTER_S = 3600

@@ -3,7 +3,8 @@
 Each region is one host mapping: anonymous private memory, or a memfd mapped shared (so
 another process, a snapshot writer or a migration sender, can map the same pages). Reads and
 writes that are not wholly inside one region raise ``GuestMemoryError``: a guest-supplied
-address or length can never reach host memory outside guest RAM.
+address or length can never reach host memory outside guest RAM. ``discard`` gives pages back
+to the host (a balloon's inflated or reported pages); they read as zeros afterwards.
 """
 
 from __future__ import annotations
@@ -125,6 +126,32 @@ class GuestMemory:
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set ``size`` bytes at ``gpa`` to ``byte``."""
         ctypes.memset(self.host_address(gpa, size), byte, size)
+
+    def discard(self, gpa: int, size: int) -> int:
+        """Give the whole pages inside ``[gpa, gpa + size)`` back to the host; return the
+        bytes discarded. The range must lie inside one region; the partial pages at its ends
+        are kept. A discarded page reads as zeros and costs host memory again once touched.
+
+        Anonymous private memory drops its pages (``MADV_DONTNEED``); a memfd also frees the
+        file's pages (``MADV_REMOVE``, a hole punched in the shared memory object), which
+        ``MADV_DONTNEED`` would leave in place behind a shared mapping (madvise(2)).
+        """
+        index, offset = self._locate(gpa, size)
+        # Regions start on page boundaries, so offsets round like guest-physical addresses.
+        start = (offset + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        end = (offset + size) // PAGE_SIZE * PAGE_SIZE
+        if end <= start:
+            return 0
+        region = self.regions[index]
+        advice = mmap.MADV_DONTNEED if region.fd is None else mmap.MADV_REMOVE
+        try:
+            region.mapping.madvise(advice, start, end - start)
+        except OSError as error:
+            raise HostError(
+                f"cannot give guest RAM {gpa:#x}+{size:#x} back to the host: {error.strerror}; "
+                "the pages stay in use (the VM runs on with them)"
+            ) from error
+        return end - start
 
     def host_address(self, gpa: int, size: int = 1) -> int:
         """The host virtual address of ``gpa`` (for KVM memory slots and libc calls)."""

@@ -229,7 +229,7 @@ class VmConfig:
     disks: tuple[DiskConfig, ...] = ()
     nets: tuple[NetConfig, ...] = ()
     vsock: VsockConfig | None = None
-    rng: bool = True
+    rng: bool = False
     balloon: bool = False
     virtio_console: VirtioConsoleConfig | None = None
 

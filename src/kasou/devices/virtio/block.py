@@ -143,7 +143,7 @@ class Block(VirtioDevice):
         # struct virtio_blk_config (§5.2.4), 60 bytes up to write_zeroes_may_unmap.
         exponent = 0  # physical block = logical block
         return struct.pack(
-            "<QIIHBBIBBHIBBHIIIIIIB3x",
+            "<QIIHBBIBBHIBBHIIIIIB3x",
             self.backend.size // SECTOR,  # capacity, in 512-byte sectors
             SIZE_MAX,  # size_max
             QUEUE_SIZE - 2,  # seg_max: header and status take two descriptors
@@ -285,5 +285,10 @@ class Block(VirtioDevice):
         try:
             call(*args)
         except Exception as error:  # OSError (EIO, ENOSPC), the backend's own errors
-            log.warning("%s: %s failed: %s", self.name, what, error)
-            raise _Failed(S_IOERR, f"{what} failed: {error}") from None
+            message = f"{what} failed: {error}"
+        else:
+            return
+        # Raised outside the handler, and logged as text: the backend's exception holds frames
+        # with views of guest RAM, which must not outlive the request.
+        log.warning("%s: %s", self.name, message)
+        raise _Failed(S_IOERR, message)

@@ -123,6 +123,7 @@ class VirtioDevice:
     def close(self) -> None:
         """The VM is going away: release the backend (called once, after the vCPUs stop)."""
         self.active = False
+        self._generation += 1  # a start still queued on the reactor does nothing
         self._unwatch(self._watched)
         self._watched = []
 
@@ -156,7 +157,9 @@ class VirtioDevice:
 
     def bad_chain(self, queue: Virtqueue, error: ChainError) -> None:
         """Return a malformed chain unused; past ``BAD_CHAIN_LIMIT`` the device gives up."""
-        log.warning("%s: %s", self.name, error)
+        # The message, not the exception: its traceback holds views of guest RAM, which a
+        # kept log record would keep alive past the VM's close.
+        log.warning("%s: %s", self.name, str(error))
         queue.push(error.head, 0)
         queue.bad_chains += 1
         if queue.bad_chains > BAD_CHAIN_LIMIT:

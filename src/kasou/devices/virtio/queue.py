@@ -161,8 +161,12 @@ class Virtqueue:
         self.reset()
 
     def reset(self) -> None:
-        """Back to the state after a device reset (§2.7: size = max, addresses 0, not ready)."""
-        self.release()
+        """Back to the state after a device reset (§2.7: size = max, addresses 0, not ready).
+
+        The rings' views are kept until the next ``activate`` or ``release``: the reset comes
+        on a vCPU thread while the device's reactor may be inside ``pop``, and guest RAM stays
+        mapped as long as the VM lives, so an old view is stale but harmless."""
+        self.live = False
         self.size = self.max_size
         self.ready = False
         self.desc_addr = 0
@@ -201,6 +205,7 @@ class Virtqueue:
         ):
             if address % align:
                 raise QueueError(f"queue {self.index}: {name} at {address:#x} is not aligned")
+        self.release()
         try:
             self._memory = memory
             self._desc = memory.view(self.desc_addr, DESC_SIZE * size)
@@ -214,10 +219,11 @@ class Virtqueue:
         self._avail_event_at = 2 + 4 * size  # virtq_used.avail_event, in u16 units
         self.event_idx = event_idx
         self.indirect = indirect
-        # A device starts where the driver's rings are now (zero after a reset).
+        # Both indexes start at 0 after a reset (§2.7.13.1, §2.7.14): the driver zeroed its
+        # rings; the device does not read back what it wrote there before.
         self.last_avail = 0
-        self.used_idx = self._used16[1]
-        self._signalled = self.used_idx
+        self.used_idx = 0
+        self._signalled = 0
         self.live = True
 
     # --- the available side -------------------------------------------------------------
