@@ -26,6 +26,9 @@ COMMANDS = {
     "nested",
     "demo",
     "disk",
+    "devices",
+    "balloon",
+    "cp",
 }
 # Every command a user can run, as words after "kasou" (groups name their subcommands).
 LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image", "disk"})] + [
