@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -18,7 +19,7 @@ frames = st.builds(Frame, st.integers(0, 255), st.binary(max_size=300))
 def test_frame_layout_is_length_type_payload() -> None:
     # length counts the type byte and the payload, big endian.
     assert ap.encode_frame(FrameType.PING, b"abc") == b"\x00\x00\x00\x04\x09abc"
-    assert ap.ready_frame() == b"\x00\x00\x00\x0e\x01kasou-agent 1"
+    assert ap.ready_frame() == b"\x00\x00\x00\x0e\x01kasou-agent 2"
 
 
 def test_exec_frame_carries_id_and_nul_terminated_argv() -> None:
@@ -63,7 +64,7 @@ def test_guest_frames_parse_to_typed_messages() -> None:
     )
     messages = [ap.parse_guest_frame(f) for f in FrameDecoder().feed(stream)]
     assert messages == [
-        ap.Ready("kasou-agent 1"),
+        ap.Ready("kasou-agent 2"),
         ap.Output(3, "stdout", b"Linux kasou\n"),
         ap.Output(3, "stderr", b"warning\n"),
         ap.Exit(3, 130),
@@ -156,3 +157,90 @@ def test_signal_and_stdin_eof_round_trip() -> None:
     (sig, eof) = FrameDecoder().feed(ap.signal_frame(5, 15) + ap.stdin_eof_frame(5))
     assert (sig.type, ap.parse_signal(sig.payload)) == (FrameType.SIGNAL, (5, 15))
     assert (eof.type, ap.parse_id(eof.payload)) == (FrameType.STDIN_EOF, 5)
+
+
+def test_spawn_frame_layout_and_round_trip() -> None:
+    raw = ap.spawn_frame(7, ["sh", "-c", "stty size"], tty=(40, 120), env={"LANG": "C.UTF-8"})
+    head = b"\x00\x00\x00\x07" + b"\x00\x00\x00\x01" + b"\x00\x28\x00\x78" + b"\x00\x00\x00\x03"
+    strings = b"sh\x00-c\x00stty size\x00LANG=C.UTF-8\x00"
+    assert raw == (1 + len(head) + len(strings)).to_bytes(4, "big") + b"\x0c" + head + strings
+    (frame,) = FrameDecoder().feed(raw)
+    assert frame.type == FrameType.SPAWN
+    assert ap.parse_spawn(frame.payload) == ap.Spawn(
+        7, [b"sh", b"-c", b"stty size"], [b"LANG=C.UTF-8"], (40, 120)
+    )
+
+
+def test_spawn_without_a_terminal_has_no_flag_and_no_size() -> None:
+    raw = ap.spawn_frame(1, ["true"])
+    assert raw[5 + 4 : 5 + 12] == bytes(8)  # flags, rows, cols
+    assert ap.parse_spawn(raw[5:]) == ap.Spawn(1, [b"true"], [], None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"argv": []}, "empty"),
+        ({"argv": [""]}, "empty"),
+        ({"argv": ["a\0b"]}, "NUL"),
+        ({"env": {"": "x"}}, "environment name"),
+        ({"env": {"A=B": "x"}}, "environment name"),
+        ({"env": {"A": "x\0"}}, "NUL"),
+        ({"tty": (70000, 80)}, "16-bit"),
+        ({"argv": ["x"] * (ap.MAX_ARGS + 1)}, "limit"),
+    ],
+)
+def test_spawn_frame_refuses_what_it_cannot_send(kwargs: dict[str, Any], problem: str) -> None:
+    arguments: dict[str, Any] = {"argv": ["true"], **kwargs}
+    with pytest.raises(ValueError, match=problem):
+        ap.spawn_frame(1, arguments.pop("argv"), **arguments)
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (b"\x00\x00\x00\x01", "at least 16"),
+        (bytes.fromhex("00000001 00000002 0000 0000 00000001") + b"ls\0", "unknown flags"),
+        (bytes.fromhex("00000001 00000000 0000 0000 00000000") + b"ls\0", "argc 0"),
+        (bytes.fromhex("00000001 00000000 0000 0000 00000002") + b"ls\0", "fewer than argc"),
+        (bytes.fromhex("00000001 00000000 0000 0000 00000001") + b"ls", "NUL-terminated"),
+        (bytes.fromhex("00000001 00000000 0000 0000 00000001") + b"ls\0=x\0", "NAME=VALUE"),
+        (bytes.fromhex("00000001 00000000 0000 0000 00000001") + b"ls\0PATH\0", "NAME=VALUE"),
+    ],
+)
+def test_malformed_spawn_payloads_raise_the_protocol_error(payload: bytes, problem: str) -> None:
+    with pytest.raises(ap.AgentProtocolError, match=problem):
+        ap.parse_spawn(payload)
+
+
+def test_resize_and_stdin_ack_round_trip() -> None:
+    resize, ack = FrameDecoder().feed(ap.resize_frame(3, 50, 132) + ap.stdin_ack_frame(3, 65536))
+    assert resize == Frame(FrameType.RESIZE, b"\x00\x00\x00\x03\x00\x32\x00\x84")
+    assert ap.parse_resize(resize.payload) == (3, 50, 132)
+    assert ap.parse_session_frame(ack) == ap.StdinAck(3, 65536)
+
+
+def test_stdin_ack_is_a_session_message_not_a_com2_one() -> None:
+    # The VMM's COM2 channel (EXEC only) must never be handed a message it does not know.
+    (ack,) = FrameDecoder().feed(ap.stdin_ack_frame(1, 1))
+    with pytest.raises(ap.AgentProtocolError):
+        ap.parse_guest_frame(ack)
+    (pong,) = FrameDecoder().feed(ap.pong_frame(b"x"))
+    assert ap.parse_session_frame(pong) == ap.Pong(b"x")
+
+
+@pytest.mark.parametrize(
+    "bad", [Frame(FrameType.STDIN_ACK, bytes(7)), Frame(FrameType.RESIZE, b"")]
+)
+def test_short_ack_and_resize_payloads_are_refused(bad: Frame) -> None:
+    with pytest.raises(ap.AgentProtocolError):
+        if bad.type == FrameType.RESIZE:
+            ap.parse_resize(bad.payload)
+        else:
+            ap.parse_session_frame(bad)
+
+
+def test_the_stream_window_fits_the_agents_stdin_queue() -> None:
+    # A host keeping to STDIN_WINDOW never makes the agent drop stdin (its queue is 4 MiB).
+    assert ap.STREAM_CHUNK <= ap.STDIN_WINDOW <= 4 << 20
+    assert ap.STREAM_CHUNK + 9 < ap.MAX_FRAME

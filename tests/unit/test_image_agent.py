@@ -44,7 +44,7 @@ class Agent:
             [binary, "--serial", os.ttyname(self._slave)], stderr=subprocess.PIPE
         )
         self._decoder = ap.FrameDecoder()
-        self._pending: list[ap.GuestMessage] = []
+        self._pending: list[ap.SessionMessage] = []
 
     def close(self) -> None:
         self.proc.kill()
@@ -57,12 +57,12 @@ class Agent:
     def send(self, *frames: bytes) -> None:
         os.write(self.master, b"".join(frames))
 
-    def read(self) -> ap.GuestMessage:
+    def read(self) -> ap.SessionMessage:
         while not self._pending:
             ready, _, _ = select.select([self.master], [], [], _TIMEOUT_S)
             assert ready, "the agent sent nothing"
             frames = self._decoder.feed(os.read(self.master, 65536))
-            self._pending += [ap.parse_guest_frame(f) for f in frames]
+            self._pending += [ap.parse_session_frame(f) for f in frames]
         return self._pending.pop(0)
 
     def run(self, id: int, *argv: str, stdin: bytes | None = None) -> tuple[bytes, bytes, int]:
@@ -172,3 +172,17 @@ def test_usage_error_for_unknown_arguments(agent_binary: Path) -> None:
     result = subprocess.run([agent_binary, "serve"], capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "usage" in result.stderr
+
+
+def test_spawn_works_on_com2_too_with_its_chunk_size(agent: Agent) -> None:
+    agent.send(ap.spawn_frame(13, ["sh", "-c", "head -c 10000 /dev/zero; cat"]))
+    agent.send(ap.stdin_frame(13, b"typed"), ap.stdin_eof_frame(13))
+    out, acked = b"", 0
+    while not isinstance(message := agent.read(), ap.Exit):
+        if isinstance(message, ap.Output):
+            assert len(message.data) <= ap.CHUNK
+            out += message.data
+        else:
+            assert isinstance(message, ap.StdinAck), message
+            acked += message.count
+    assert (message, out, acked) == (ap.Exit(13, 0), bytes(10000) + b"typed", 5)

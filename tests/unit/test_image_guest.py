@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -124,6 +125,45 @@ def test_root_disk_tree_has_no_init_script_nor_device_nodes() -> None:
     assert "init" not in paths
     assert not [p for p, e in paths.items() if e.kind == "chardev"]
     assert paths["sbin/init"].data == b"/bin/busybox"
+
+
+def test_iobench_is_on_the_root_disk_only() -> None:
+    disk = _paths(_userland.tree(b"B", APPLETS, b"A", initramfs=False, iobench=b"IOBENCH"))
+    assert disk["sbin/kasou-iobench"] == Entry("sbin/kasou-iobench", "file", 0o755, b"IOBENCH")
+    initramfs = _paths(_userland.tree(b"B", APPLETS, b"A", initramfs=True, iobench=b"IOBENCH"))
+    assert "sbin/kasou-iobench" not in initramfs
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_iobench_reads_a_file_and_refuses_bad_arguments(tmp_path: Path) -> None:
+    tool = tmp_path / "kasou-iobench"
+    _userland.compile_iobench(tool, tmp_path / "log")
+    data = tmp_path / "disk.raw"
+    data.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    try:
+        os.close(os.open(data, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT (tmpfs?)")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool, *args], capture_output=True, text=True, check=False)
+
+    done = run("-n", "300", "-t", "3", str(data))
+    assert done.returncode == 0, done.stderr
+    words = dict(word.split("=") for word in done.stdout.split()[1:])
+    assert (words["reads"], words["bytes"], words["threads"]) == ("300", "4096", "3")
+    assert float(words["iops"]) > 0 and float(words["seconds"]) > 0
+    small = tmp_path / "small.raw"
+    small.write_bytes(bytes(4096))
+    too_big = run("-b", "8192", "-n", "1", str(small))
+    assert too_big.returncode == 1 and "smaller than one read" in too_big.stderr
+    assert run("-b", "1000", str(data)).returncode == 2  # not whole sectors
+    assert run("-n", "0", str(data)).returncode == 2
+    assert run(str(data), "extra").returncode == 2
+    first, second = (int(run("-c").stdout.split()[1]) for _ in range(2))
+    assert 0 < first <= second  # the guest's monotonic clock, for timing busybox commands
+    missing = run(str(tmp_path / "none"))
+    assert missing.returncode == 1 and "cannot open" in missing.stderr
 
 
 def test_tree_lists_every_parent_before_its_children() -> None:

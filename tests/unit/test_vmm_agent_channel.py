@@ -151,7 +151,7 @@ def test_ready_in_any_pieces_marks_the_boot(cuts: list[int]) -> None:
             channel.output(raw[start:end])
         assert channel.ready_ns is not None
         assert before <= channel.ready_ns <= time.monotonic_ns()
-        assert channel.version == "kasou-agent 1"
+        assert channel.version == ap.AGENT_VERSION
     finally:
         loop.stop()
 

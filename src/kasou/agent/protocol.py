@@ -1,9 +1,19 @@
 """The wire protocol between kasou and its guest agent, and the host side's codec for it.
 
 The agent (``agent/agent.c``, ``/sbin/kasou-agent`` in the default guest) talks to kasou over
-the guest's second serial port, COM2 (I/O 0x2f8, IRQ 3; ``/dev/ttyS1`` in the guest), in raw
-mode; COM1 stays the user's console. This module owns the byte format and nothing else: it
-does not open ports, run commands or keep per-command state.
+two kinds of line:
+
+- the guest's second serial port, COM2 (I/O 0x2f8, IRQ 3; ``/dev/ttyS1`` in the guest), in
+  raw mode; COM1 stays the user's console. It is one frame stream, read by the VMM.
+- virtio-vsock, where the kernel has it: the agent listens on port ``KASOU_AGENT_PORT`` (1024)
+  of any local CID, and every connection is a frame stream of its own, with its own READY,
+  its own command ids and its own commands, which the agent kills (SIGKILL to each one's
+  process group) when the connection closes. At most 16 are open at once; the agent answers
+  one more with an ERROR of id 0 and closes it. ``kasou-agent --unix PATH`` serves the same
+  on a Unix socket (for tests on a host).
+
+This module owns the byte format and nothing else: it does not open lines, run commands or
+keep per-command state.
 
 Framing. Both directions carry a stream of frames::
 
@@ -22,16 +32,22 @@ like every integer here; "strings" are bytes, UTF-8 by convention):
 ========= ===== ============== =========================================================
 type      value direction      payload
 ========= ===== ============== =========================================================
-READY     1     guest -> host  ASCII ``kasou-agent <version>`` (now ``kasou-agent 1``),
-                               sent once when the agent starts: the guest's boot-time mark
+READY     1     guest -> host  ASCII ``kasou-agent <version>`` (now ``kasou-agent 2``),
+                               sent once when the line opens: on COM2 when the agent
+                               starts (the guest's boot-time mark), on vsock when the
+                               agent accepts the connection
 EXEC      2     host -> guest  id, then argv as NUL-terminated strings (1 to 4096); the
                                agent forks and execs argv[0] (searched in
                                PATH=/bin:/sbin:/usr/bin:/usr/sbin) in its own session,
-                               its stdin/stdout/stderr on pipes, cwd /
+                               its stdin/stdout/stderr on pipes, cwd /, environment
+                               PATH, HOME=/root, TERM=dumb
 STDIN     3     host -> guest  id, data for the command's stdin (queued while it is not
                                reading; at most 4 MiB queued, beyond that ERROR)
-STDIN_EOF 4     host -> guest  id: close the command's stdin once the queue is written
-STDOUT    5     guest -> host  id, data the command wrote to stdout (at most ``CHUNK`` B)
+STDIN_EOF 4     host -> guest  id: close the command's stdin once the queue is written (on
+                               a terminal: write its EOF character, ^D, if it is in
+                               canonical mode; twice after an unfinished line)
+STDOUT    5     guest -> host  id, data the command wrote to stdout (at most ``CHUNK`` B on
+                               COM2, ``STREAM_CHUNK`` on vsock), or to its terminal
 STDERR    6     guest -> host  id, the same for stderr
 EXIT      7     guest -> host  id, i32 status: the exit code, or 128 + the number of the
                                signal that ended it; sent after all of the command's output
@@ -39,13 +55,38 @@ ERROR     8     guest -> host  id (0: about a frame, not a command), UTF-8 messa
 PING      9     host -> guest  any bytes
 PONG      10    guest -> host  the PING's bytes
 SIGNAL    11    host -> guest  id, u32 signal number, sent to the command's process group
+SPAWN     12    host -> guest  id, u32 flags, u16 rows, u16 cols, u32 argc, then argc argv
+                               strings and any number of ``NAME=VALUE`` environment
+                               strings, all NUL-terminated: EXEC with options. Flag
+                               ``SPAWN_TTY`` (bit 0; the others must be 0) runs the
+                               command on a new pseudo-terminal (its session's controlling
+                               tty, TIOCSCTTY) of rows x cols (0 x 0: left unset), which
+                               carries stdin and stdout; TERM is then ``xterm``. The
+                               environment strings replace the agent's entries of the same
+                               name. The command's stdin is acknowledged with STDIN_ACK
+RESIZE    13    host -> guest  id, u16 rows, u16 cols: set the size of a SPAWN_TTY
+                               command's terminal (TIOCSWINSZ; the kernel sends SIGWINCH)
+STDIN_ACK 14    guest -> host  id, u32 count: ``count`` more bytes of a SPAWN command's
+                               STDIN were written to it, or dropped because nothing reads
+                               them any more. Only SPAWN commands get it
 ========= ===== ============== =========================================================
 
-Each EXEC ends in exactly one EXIT, or in one ERROR if the command could not be started (an
-unknown program, a malformed EXEC, an id in use, 64 commands running already). An ERROR about
-a running command (stdin dropped, a bad SIGNAL) does not end it. An ERROR may come after the
-EXIT of the command it names if the host's frame crossed the command's end; the host ignores
-those. Output written after the command exits by processes it left behind is lost.
+Each EXEC or SPAWN ends in exactly one EXIT, or in one ERROR if the command could not be
+started (an unknown program, a malformed frame, an id in use, 64 commands running already). An
+ERROR about a running command (stdin dropped, a bad SIGNAL) does not end it. An ERROR may come
+after the EXIT of the command it names if the host's frame crossed the command's end; the host
+ignores those. Output written after the command exits by processes it left behind is lost (on
+a terminal the agent waits up to 200 ms for it to drain).
+
+Flow control. The agent never blocks on a line: it queues frames and stops reading a line,
+and its commands' output, while over 256 KiB are queued for it, so a host that stops reading
+holds the commands back (they block writing) instead of filling the guest's memory. A host
+sending a SPAWN command's stdin keeps at most ``STDIN_WINDOW`` bytes of it not yet
+acknowledged by STDIN_ACK; that way the agent's queue never overflows and the line never
+stalls behind stdin that a command is slow to read (a SIGNAL still gets through).
+
+Compatibility: a version-1 host (EXEC only) sees nothing new on COM2: STDIN_ACK and terminal
+output come only for SPAWN commands.
 
 The agent's other mode, ``kasou-agent poweroff`` (init's last shutdown step), writes
 ``POWEROFF_VALUE`` (16 bit) to I/O port ``POWEROFF_PORT``: kasou's power-off register, modelled
@@ -58,7 +99,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,9 +108,14 @@ from kasou.errors import GuestError
 __all__ = [
     "AGENT_VERSION",
     "CHUNK",
+    "KASOU_AGENT_PORT",
+    "MAX_ARGS",
     "MAX_FRAME",
     "POWEROFF_PORT",
     "POWEROFF_VALUE",
+    "SPAWN_TTY",
+    "STDIN_WINDOW",
+    "STREAM_CHUNK",
     "AgentError",
     "AgentProtocolError",
     "Exit",
@@ -80,6 +126,9 @@ __all__ = [
     "Output",
     "Pong",
     "Ready",
+    "SessionMessage",
+    "Spawn",
+    "StdinAck",
     "encode_frame",
     "error_frame",
     "exec_frame",
@@ -92,11 +141,18 @@ __all__ = [
     "parse_id",
     "parse_id_data",
     "parse_ready",
+    "parse_resize",
+    "parse_session_frame",
     "parse_signal",
+    "parse_spawn",
+    "parse_stdin_ack",
     "ping_frame",
     "pong_frame",
     "ready_frame",
+    "resize_frame",
     "signal_frame",
+    "spawn_frame",
+    "stdin_ack_frame",
     "stdin_eof_frame",
     "stdin_frame",
 ]
@@ -105,9 +161,24 @@ MAX_FRAME = 1 << 20
 """The largest ``length`` field either side accepts (type byte plus payload)."""
 
 CHUNK = 4096
-"""The most STDOUT/STDERR data the agent puts in one frame."""
+"""The most STDOUT/STDERR data the agent puts in one frame on COM2."""
 
-AGENT_VERSION = "kasou-agent 1"
+STREAM_CHUNK = 65536
+"""The most STDOUT/STDERR data the agent puts in one frame on a vsock connection."""
+
+STDIN_WINDOW = 1 << 20
+"""The most STDIN bytes of a SPAWN command a host has sent and not yet seen acknowledged."""
+
+MAX_ARGS = 4096
+"""The most strings (argv, and environment for SPAWN) one EXEC or SPAWN may carry."""
+
+KASOU_AGENT_PORT = 1024
+"""The vsock port the agent listens on (any local CID)."""
+
+SPAWN_TTY = 1
+"""SPAWN's flag for a command on a pseudo-terminal."""
+
+AGENT_VERSION = "kasou-agent 2"
 """The READY payload of the agent this module describes."""
 
 POWEROFF_PORT = 0x604
@@ -117,6 +188,8 @@ POWEROFF_VALUE = 0x2000
 _U32 = struct.Struct(">I")
 _ID_I32 = struct.Struct(">Ii")
 _ID_U32 = struct.Struct(">II")
+_ID_SIZE = struct.Struct(">IHH")
+_SPAWN_HEAD = struct.Struct(">IIHHI")
 
 
 class FrameType(enum.IntEnum):
@@ -131,6 +204,9 @@ class FrameType(enum.IntEnum):
     PING = 9
     PONG = 10
     SIGNAL = 11
+    SPAWN = 12
+    RESIZE = 13
+    STDIN_ACK = 14
 
 
 class AgentProtocolError(GuestError):
@@ -246,6 +322,52 @@ def ping_frame(data: bytes = b"") -> bytes:
     return encode_frame(FrameType.PING, data)
 
 
+def _check_size(rows: int, cols: int) -> None:
+    if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+        raise ValueError(f"a terminal of {rows} x {cols} does not fit in 16-bit sizes")
+
+
+def spawn_frame(
+    id: int,
+    argv: Sequence[str | bytes],
+    *,
+    tty: tuple[int, int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bytes:
+    """SPAWN ``argv`` as command ``id``; ``tty`` = (rows, cols) runs it on a terminal of that
+    size, ``env`` adds to (or replaces entries of) the agent's environment. Raises ValueError
+    for what could not be sent: an empty argv or program name, a NUL byte, an environment name
+    that is empty or holds "=", a size over 16 bits, more than ``MAX_ARGS`` strings."""
+    _check_id(id)
+    if not argv:
+        raise ValueError("argv is empty: name a program to run")
+    args = [a.encode() if isinstance(a, str) else bytes(a) for a in argv]
+    if not args[0]:
+        raise ValueError("the program name (argv[0]) is empty")
+    entries: list[bytes] = []
+    for name, value in (env or {}).items():
+        if not name or "=" in name:
+            raise ValueError(f"environment name {name!r} is empty or contains '='")
+        entries.append(f"{name}={value}".encode())
+    for arg in args + entries:
+        if b"\0" in arg:
+            raise ValueError(f"argument or environment entry {arg!r} contains a NUL byte")
+    if len(args) + len(entries) > MAX_ARGS:
+        raise ValueError(f"{len(args) + len(entries)} strings are over the {MAX_ARGS} limit")
+    rows, cols = tty if tty is not None else (0, 0)
+    _check_size(rows, cols)
+    flags = SPAWN_TTY if tty is not None else 0
+    head = _SPAWN_HEAD.pack(id, flags, rows, cols, len(args))
+    return encode_frame(FrameType.SPAWN, head + b"".join(s + b"\0" for s in args + entries))
+
+
+def resize_frame(id: int, rows: int, cols: int) -> bytes:
+    """RESIZE command ``id``'s terminal to ``rows`` x ``cols``."""
+    _check_id(id)
+    _check_size(rows, cols)
+    return encode_frame(FrameType.RESIZE, _ID_SIZE.pack(id, rows, cols))
+
+
 # --- frames the agent sends (what a fake agent in a test needs) --------------------------------
 
 
@@ -268,6 +390,10 @@ def error_frame(id: int, message: str) -> bytes:
 
 def pong_frame(data: bytes) -> bytes:
     return encode_frame(FrameType.PONG, data)
+
+
+def stdin_ack_frame(id: int, count: int) -> bytes:
+    return encode_frame(FrameType.STDIN_ACK, _ID_U32.pack(id, count))
 
 
 # --- payload parsers: each raises AgentProtocolError on a malformed payload -------------------
@@ -329,6 +455,54 @@ def parse_signal(payload: bytes) -> tuple[int, int]:
     return int(id), int(signal)
 
 
+@dataclass(frozen=True)
+class Spawn:
+    """A SPAWN request: ``tty`` is (rows, cols) for a command on a terminal, else None."""
+
+    id: int
+    argv: list[bytes]
+    env: list[bytes]
+    tty: tuple[int, int] | None
+
+
+def parse_spawn(payload: bytes) -> Spawn:
+    """The request a SPAWN carries, checked as the agent checks it."""
+    _need(payload, _SPAWN_HEAD.size, "SPAWN")
+    id, flags, rows, cols, argc = _SPAWN_HEAD.unpack_from(payload)
+    if flags & ~SPAWN_TTY:
+        raise AgentProtocolError(f"SPAWN with unknown flags {flags:#x}")
+    if not 0 < argc <= MAX_ARGS:
+        raise AgentProtocolError(f"SPAWN argc {argc} is not in 1..{MAX_ARGS}")
+    strings = payload[_SPAWN_HEAD.size :]
+    if not strings.endswith(b"\0"):
+        raise AgentProtocolError("SPAWN strings must be NUL-terminated")
+    parts = strings[:-1].split(b"\0")
+    if len(parts) < argc:
+        raise AgentProtocolError(f"SPAWN has {len(parts)} strings, fewer than argc {argc}")
+    if len(parts) > MAX_ARGS:
+        raise AgentProtocolError(f"SPAWN has more than {MAX_ARGS} strings")
+    env = parts[argc:]
+    for entry in env:
+        if entry.find(b"=") < 1:
+            raise AgentProtocolError(f"SPAWN environment entry {entry[:64]!r} is not NAME=VALUE")
+    tty = (int(rows), int(cols)) if flags & SPAWN_TTY else None
+    return Spawn(int(id), parts[:argc], env, tty)
+
+
+def parse_resize(payload: bytes) -> tuple[int, int, int]:
+    """(id, rows, cols) of RESIZE."""
+    _need(payload, 8, "RESIZE", exact=True)
+    id, rows, cols = _ID_SIZE.unpack(payload)
+    return int(id), int(rows), int(cols)
+
+
+def parse_stdin_ack(payload: bytes) -> tuple[int, int]:
+    """(id, count) of STDIN_ACK."""
+    _need(payload, 8, "STDIN_ACK", exact=True)
+    id, count = _ID_U32.unpack(payload)
+    return int(id), int(count)
+
+
 # --- what the host reads, typed ---------------------------------------------------------------
 
 
@@ -361,7 +535,17 @@ class Pong:
     data: bytes
 
 
+@dataclass(frozen=True)
+class StdinAck:
+    id: int
+    count: int
+
+
 GuestMessage = Ready | Output | Exit | AgentError | Pong
+"""What the agent sends a host that only EXECs (the VMM's COM2 channel)."""
+
+SessionMessage = GuestMessage | StdinAck
+"""What the agent sends a host that SPAWNs too (a vsock connection)."""
 
 
 def parse_guest_frame(frame: Frame) -> GuestMessage:
@@ -383,3 +567,10 @@ def parse_guest_frame(frame: Frame) -> GuestMessage:
         case FrameType.PONG:
             return Pong(frame.payload)
     raise AgentProtocolError(f"frame type {frame.type} is not one the agent sends")
+
+
+def parse_session_frame(frame: Frame) -> SessionMessage:
+    """``parse_guest_frame``, and STDIN_ACK too (which comes only for SPAWN commands)."""
+    if frame.type == FrameType.STDIN_ACK:
+        return StdinAck(*parse_stdin_ack(frame.payload))
+    return parse_guest_frame(frame)

@@ -80,7 +80,10 @@ class _Session:
         status["uptime"] = round(time.monotonic() - self.started, 3)
         status["agent"] = {"ready": self.agent.ready_ns is not None, "version": self.agent.version}
         if vm.config.vsock is not None:
-            status["vsock"] = {"cid": vm.config.vsock.cid, "uds": str(vm.config.vsock.uds)}
+            status["vsock"] = {
+                "cid": vm.config.vsock.cid,
+                "uds": str(vm.config.vsock.uds.absolute()),
+            }
         if self.agent.ready_ns is not None:
             status["agent"]["ready_ns"] = self.agent.ready_ns  # CLOCK_MONOTONIC
         return Reply(True, status)
