@@ -355,7 +355,7 @@ def test_the_socket_listens_from_construction_and_a_stale_one_is_replaced(
 
 
 def test_a_path_in_use_or_not_a_socket_is_refused(loop: EventLoop, uds: Path) -> None:
-    with listen(str(uds)), pytest.raises(ConfigError, match="another process listens"):
+    with listen(str(uds)), pytest.raises(ConfigError, match="in use by another process"):
         Vsock(loop, GUEST_CID, uds)
     uds.unlink()
     uds.write_text("precious")

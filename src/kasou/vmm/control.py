@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from kasou.errors import ConfigError, KasouError
 from kasou.event import EventLoop
+from kasou.event.unix import listen_unix
 from kasou.vmm.requests import Reply, Request, parse_request
 
 __all__ = ["ControlServer", "Deferred", "Handler"]
@@ -49,7 +49,7 @@ class ControlServer:
         self._loop = loop
         self._handle = handle
         self._clients: dict[int, tuple[socket.socket, bytearray]] = {}
-        self._listener = _listen(path)
+        self._listener = listen_unix(path, "api-sock")
         loop.add_reader(self._listener.fileno(), self._on_accept)
 
     def _on_accept(self, events: int) -> None:
@@ -158,34 +158,3 @@ class ControlServer:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def _listen(path: Path) -> socket.socket:
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise ConfigError("api-sock", f"{path} exists and is not a socket: choose another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: nobody listens there any more
-        else:
-            raise ConfigError("api-sock", f"{path} is in use by another VM: choose another path")
-        finally:
-            probe.close()
-    # Bound and listening under a temporary name, then renamed into place: a client that
-    # sees the path can connect at once (no window between bind and listen).
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        listener.bind(str(staging))
-        os.chmod(staging, 0o600)
-        listener.listen(8)
-        listener.setblocking(False)
-        os.rename(staging, path)
-    except OSError as error:
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            staging.unlink()
-        raise ConfigError("api-sock", f"cannot listen on {path}: {error.strerror}") from error
-    return listener

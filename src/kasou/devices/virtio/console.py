@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
 import socket as sockets
 import struct
@@ -54,7 +53,7 @@ from typing import Any
 from kasou.devices.virtio.device import Reactor, VirtioDevice
 from kasou.devices.virtio.queue import Chain, ChainError, Virtqueue, split_views
 from kasou.devices.virtio.spec import DeviceType
-from kasou.errors import ConfigError
+from kasou.event.unix import listen_unix
 
 __all__ = [
     "F_EMERG_WRITE",
@@ -147,7 +146,7 @@ class Console(VirtioDevice):
         self._client_events = 0
         self._listener: sockets.socket | None = None
         if socket is not None:
-            self._listener = _listen(socket)
+            self._listener = listen_unix(socket, "virtio-console", backlog=1)
             reactor.add_reader(self._listener.fileno(), self._on_accept)
 
     # --- the host's side (any thread) ---------------------------------------------------
@@ -485,39 +484,3 @@ class Console(VirtioDevice):
             queue.push(chain.head, 0)
         self.signal(queue)
         self._update_client()
-
-
-def _listen(path: Path) -> sockets.socket:
-    """A listening Unix socket at ``path``; a stale socket file there is replaced."""
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise ConfigError(
-                "virtio-console", f"{path} exists and is not a socket: choose another path"
-            )
-        probe = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: nobody listens there any more
-        else:
-            raise ConfigError(
-                "virtio-console", f"{path} is in use by another program: choose another path"
-            )
-        finally:
-            probe.close()
-    # Bound and listening under a temporary name, then renamed into place: a client that
-    # sees the path can connect at once.
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM | sockets.SOCK_CLOEXEC)
-    try:
-        listener.bind(str(staging))
-        os.chmod(staging, 0o600)
-        listener.listen(1)
-        listener.setblocking(False)
-        os.rename(staging, path)
-    except OSError as error:
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            staging.unlink()
-        raise ConfigError("virtio-console", f"cannot listen on {path}: {error.strerror}") from error
-    return listener

@@ -42,14 +42,12 @@ reactor. ``close`` runs after the reactor has stopped (the builder's order).
 from __future__ import annotations
 
 import enum
-import errno
 import functools
 import logging
 import os
 import re
 import select
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -60,6 +58,7 @@ from kasou.devices.virtio.device import Reactor, VirtioDevice
 from kasou.devices.virtio.queue import Chain, ChainError, Virtqueue, gather, split_views
 from kasou.devices.virtio.spec import DeviceType
 from kasou.errors import ConfigError
+from kasou.event.unix import listen_unix
 
 __all__ = [
     "BUF_ALLOC",
@@ -281,7 +280,7 @@ class Vsock(VirtioDevice):
             "dropped_packets": 0,
             "refused": 0,
         }
-        self._listener: socket.socket | None = _listen(self.uds)
+        self._listener: socket.socket | None = listen_unix(self.uds, "vsock", backlog=_BACKLOG)
         self._listener_inode = os.stat(self.uds).st_ino
         reactor.add_reader(self._listener.fileno(), self._accept)
 
@@ -907,37 +906,3 @@ def _shutdown(sock: socket.socket, how: int) -> None:
         sock.shutdown(how)
     except OSError:
         pass  # the peer is already gone: nothing left to tell it
-
-
-def _listen(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, replacing a stale socket file left there."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(mode):
-            raise ConfigError("vsock", f"uds={path}: the file exists and is not a socket")
-        if _listened_on(path):
-            raise ConfigError(
-                "vsock", f"uds={path}: another process listens there; choose another path"
-            )
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setblocking(False)
-        sock.bind(str(path))
-        sock.listen(_BACKLOG)
-    except OSError as error:
-        sock.close()
-        raise ConfigError(
-            "vsock", f"uds={path}: cannot listen there ({error.strerror}); choose another path"
-        ) from error
-    return sock
-
-
-def _listened_on(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-        probe.setblocking(False)
-        result = probe.connect_ex(str(path))
-    return result in (0, errno.EAGAIN)
