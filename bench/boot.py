@@ -36,7 +36,7 @@ TIMEOUT = 180.0
 
 
 def kasou_boot(scratch: Path, vcpus: int) -> tuple[float, float]:
-    booting = launch_default_guest(scratch, vcpus)
+    booting = launch_default_guest(scratch, vcpus, root_disk=False)  # as QEMU's: initramfs
     try:
         with ControlClient(booting.sock, timeout=TIMEOUT) as client:
             client.execute(["true"], timeout=TIMEOUT)  # returns once the agent is up

@@ -37,14 +37,16 @@ def test_a_flushed_write_survives_kill_9_of_kasou(launch: Launcher, tmp_path: Pa
     data = tmp_path / "data.raw"
     with open(data, "wb") as file:
         file.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(data)], check=True)  # busybox has no mkfs.ext4
     guest = launch("--disk", f"{data},serial=data", root_disk=True)
-    guest.output("sh", "-c", "mkfs.ext4 -q /dev/vdb 2>/dev/null || mke2fs -q -t ext4 /dev/vdb")
+    assert guest.output("cat", "/sys/block/vdb/serial") == "data"
     guest.output("mkdir", "-p", "/mnt")
     guest.output("mount", "/dev/vdb", "/mnt")
     guest.output("sh", "-c", "seq 1 100000 > /mnt/numbers && sync")
     expected = guest.output("md5sum", "/mnt/numbers").split()[0]
     guest.process.send_signal(signal.SIGKILL)
     guest.wait()
+    guest.sock.unlink()  # kill -9 leaves it; a kasou started on that path would replace it
     again = launch("--disk", f"{data},serial=data", root_disk=True)
     again.output("mkdir", "-p", "/mnt")
     again.output("mount", "/dev/vdb", "/mnt")
@@ -85,6 +87,7 @@ def test_two_vms_share_one_base_through_qcow2_overlays(launch: Launcher, tmp_pat
 def test_ping_and_tcp_through_a_tap(launch: Launcher) -> None:
     tap = f"kt{os.getpid() % 10000}"
     guest = launch("--net", f"tap={tap}", root_disk=True, cmdline="kasou.ip=10.77.0.2/24")
+    guest.output("true")  # the VM is built (its TAP exists) once the agent answers
     subprocess.run(["ip", "addr", "add", "10.77.0.1/24", "dev", tap], check=True)
     subprocess.run(["ip", "link", "set", tap, "up"], check=True)
     result = guest.run("ping", "-c", "3", "-W", "5", "10.77.0.1")

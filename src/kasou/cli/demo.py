@@ -24,7 +24,7 @@ from kasou.errors import HostError, KasouError
 
 __all__ = ["Booting", "demo", "launch_default_guest"]
 
-COMMANDS = (["uname", "-a"], ["nproc"], ["free", "-m"])
+COMMANDS = (["uname", "-a"], ["nproc"], ["free", "-m"], ["df", "-h", "/"])
 KASOU = str(Path(sys.executable).with_name("kasou"))
 
 
@@ -78,24 +78,35 @@ class Booting:
         self.process.wait(30)
 
 
-def launch_default_guest(scratch: Path, vcpus: int, console: str = "none") -> Booting:
+def launch_default_guest(
+    scratch: Path, vcpus: int, console: str = "none", root_disk: bool = True
+) -> Booting:
     """Start ``kasou run`` on the default guest (512 MiB, COM1 to ``scratch``/console.log
-    with ``console="file"``) and wait for its control socket. Used by the demo and by
-    bench/boot.py, so both time the same thing."""
+    with ``console="file"``) and wait for its control socket. With ``root_disk`` it boots as
+    ``kasou run`` without --kernel does (root on virtio-blk through an overlay, the agent on
+    vsock too); otherwise from its initramfs. Used by the demo and by bench/boot.py, so both
+    time the same thing."""
     guest = default_guest()
     sock = scratch / "vm.sock"
     target = f"file:{scratch / 'console.log'}" if console == "file" else console
-    started = time.monotonic_ns()
-    process = subprocess.Popen(
-        [
-            KASOU,
-            "run",
+    boot = (
+        []
+        if root_disk
+        else [
             "--kernel",
             str(guest.kernel),
             "--initrd",
             str(guest.initrd),
             "--cmdline",
             guest.cmdline,
+        ]
+    )
+    started = time.monotonic_ns()
+    process = subprocess.Popen(
+        [
+            KASOU,
+            "run",
+            *boot,
             "--vcpus",
             str(vcpus),
             "--memory",
@@ -123,13 +134,30 @@ def launch_default_guest(scratch: Path, vcpus: int, console: str = "none") -> Bo
 
 
 def _drive(out: Console, booting: Booting, vcpus: int) -> int:
+    from kasou.client.agent import open_session
+
     try:
         with ControlClient(booting.sock, timeout=300) as client:
-            for argv in COMMANDS:
-                result = client.execute(argv, timeout=120)
-                out.print(f"[bold cyan]guest$ {' '.join(argv)}[/bold cyan]")
-                out.print(result["stdout"].rstrip(), markup=False, highlight=False)
-            ready_ns = client.request("status")["agent"]["ready_ns"]
+            client.execute(["true"], timeout=120)  # the agent is up (on COM2: the boot mark)
+            vm = client.request("status")
+            ready_ns = vm["agent"]["ready_ns"]
+            # The commands go over virtio-vsock, their output streamed as it comes.
+            with open_session(vm["vsock"]["uds"], timeout=60) as session:
+                for argv in COMMANDS:
+                    out.print(f"[bold cyan]guest$ {' '.join(argv)}[/bold cyan]")
+                    chunks: list[bytes] = []
+                    session.exec(argv, stdout=chunks.append, timeout=120)
+                    text = b"".join(chunks).decode(errors="replace").rstrip()
+                    out.print(text, markup=False, highlight=False)
+            out.print("[bold cyan]kasou devices[/bold cyan]")
+            for device in client.request("devices")["devices"]:
+                counters = device["counters"]
+                shown = {
+                    key: counters[key]
+                    for key in ("reads", "writes", "bytes_to_guest", "bytes_from_guest", "bytes")
+                    if key in counters
+                }
+                out.print(f"  {device['id']:<8} {device['type']:<8} {shown}", highlight=False)
             client.execute(["poweroff"], timeout=60)
     except KasouError as error:
         if "rebooted" not in str(error) and "closed" not in str(error):

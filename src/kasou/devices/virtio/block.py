@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from kasou.devices.virtio.device import Reactor, VirtioDevice
-from kasou.devices.virtio.queue import Chain, ChainError, Virtqueue, split_views
+from kasou.devices.virtio.queue import Chain, Virtqueue, split_views
 from kasou.devices.virtio.spec import DeviceType
 
 __all__ = ["Block", "BlockBackend", "BlockConfig"]
@@ -179,14 +179,7 @@ class Block(VirtioDevice):
     # --- requests -----------------------------------------------------------------------
 
     def process(self, queue: Virtqueue) -> None:
-        while self.active:
-            try:
-                chain = queue.pop()
-            except ChainError as error:
-                self.bad_chain(queue, error)
-                continue
-            if chain is None:
-                break
+        for chain in self.chains(queue):
             queue.push(chain.head, self._serve(chain))
         self.signal(queue)
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import select
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol
 
-from kasou.devices.virtio.queue import ChainError, RingError, Virtqueue
+from kasou.devices.virtio.queue import Chain, ChainError, RingError, Virtqueue
 from kasou.devices.virtio.spec import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, DeviceType
 from kasou.memory import GuestMemory
 
@@ -164,6 +164,19 @@ class VirtioDevice:
         queue.bad_chains += 1
         if queue.bad_chains > BAD_CHAIN_LIMIT:
             self.fail(f"more than {BAD_CHAIN_LIMIT} malformed chains on queue {queue.index}")
+
+    def chains(self, queue: Virtqueue) -> Iterator[Chain]:
+        """The chains the driver made available, while the device is active; malformed ones
+        are returned to the driver (``bad_chain``) on the way."""
+        while self.active:
+            try:
+                chain = queue.pop()
+            except ChainError as error:
+                self.bad_chain(queue, error)
+                continue
+            if chain is None:
+                return
+            yield chain
 
     def fail(self, reason: str) -> None:
         """Stop the device and mark it NEEDS_RESET (the driver must reset it)."""

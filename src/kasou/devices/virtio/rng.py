@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from kasou.devices.virtio.device import Reactor, VirtioDevice
-from kasou.devices.virtio.queue import ChainError, Virtqueue
+from kasou.devices.virtio.queue import Virtqueue
 from kasou.devices.virtio.spec import DeviceType
 
 __all__ = ["MAX_REQUEST", "Rng"]
@@ -33,14 +33,7 @@ class Rng(VirtioDevice):
         self.requests = 0
 
     def process(self, queue: Virtqueue) -> None:
-        while self.active:
-            try:
-                chain = queue.pop()
-            except ChainError as error:
-                self.bad_chain(queue, error)
-                continue
-            if chain is None:
-                break
+        for chain in self.chains(queue):
             size = min(chain.writable_len, MAX_REQUEST)
             written = chain.write(os.getrandom(size)) if size else 0
             queue.push(chain.head, written)

@@ -373,14 +373,7 @@ class Vsock(VirtioDevice):
             self._event_chains.append(chain)
 
     def _transmit(self, queue: Virtqueue) -> None:
-        while self.active:
-            try:
-                chain = queue.pop()
-            except ChainError as error:
-                self.bad_chain(queue, error)
-                continue
-            if chain is None:
-                break
+        for chain in self.chains(queue):
             self._packet(chain)
             # Nothing of the chain is kept: what the Unix socket did not take was copied.
             queue.push(chain.head, 0)
