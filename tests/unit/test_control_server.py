@@ -325,7 +325,9 @@ def test_a_stale_socket_file_is_replaced(folder: Path, loop: EventLoop, vm: Fake
 
 
 def test_a_live_socket_is_not_taken_over(server: ControlServer, loop: EventLoop) -> None:
-    with pytest.raises(ConfigError, match="in use by another process: choose another path") as caught:
+    with pytest.raises(
+        ConfigError, match="in use by another process: choose another path"
+    ) as caught:
         ControlServer(server.path, loop, FakeVm().handle)
     assert caught.value.field == "api-sock"
     with ControlClient(server.path, timeout=DEADLINE) as client:  # the first one still serves

@@ -135,7 +135,7 @@ def test_iobench_is_on_the_root_disk_only() -> None:
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
-def test_iobench_reads_a_file_and_refuses_bad_arguments(tmp_path: Path) -> None:
+def test_iobench_reads_a_file_tells_the_time_and_refuses_bad_arguments(tmp_path: Path) -> None:
     tool = tmp_path / "kasou-iobench"
     _userland.compile_iobench(tool, tmp_path / "log")
     data = tmp_path / "disk.raw"
