@@ -17,7 +17,11 @@ Sections (issue: core VMM):
   host whose KVM boots Linux, else inside `kasou nested`;
 - virtio-blk: sequential 64 KiB read and write MB/s and 4 KiB random-read IOPS through the
   guest kit's own virtio driver, kasou beside QEMU -M microvm on the same raw file, with the
-  host's own preadv figures on that file (bench/virtio_blk.py).
+  host's own preadv figures on that file (bench/virtio_blk.py);
+- virtio-guest: the default Linux guest on virtio, kasou beside QEMU -M microvm with
+  user-space virtio: dd and random-read IOPS on a second disk, TCP through a TAP both ways,
+  and the exec round trip over vsock and COM2 (bench/virtio_guest.py), where Linux boots, as
+  for boot.
 """
 
 from __future__ import annotations
@@ -153,9 +157,12 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=200_000, help="exits per loop")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--only", choices=("exits", "start", "memory", "boot", "virtio-blk"), action="append"
+        "--only",
+        choices=("exits", "start", "memory", "boot", "virtio-blk", "virtio-guest"),
+        action="append",
     )
     parser.add_argument("--boot-runs", type=int, default=10)
+    parser.add_argument("--virtio-repeats", type=int, default=3, help="virtio-guest transfers")
     args = parser.parse_args()
     with_qemu = shutil.which(qemu_peer.QEMU) is not None and qemu_peer.kvm_usable()
     if not with_qemu:
@@ -165,7 +172,7 @@ def main() -> int:
     from kasou.kvm.host import probe_host
 
     print(probe_host().backend.value)
-    sections = args.only or ["exits", "start", "memory", "virtio-blk", "boot"]
+    sections = args.only or ["exits", "start", "memory", "virtio-blk", "boot", "virtio-guest"]
     if "exits" in sections:
         bench_exits(elf, args.count, args.repeats, with_qemu)
     if "start" in sections:
@@ -176,20 +183,33 @@ def main() -> int:
         virtio_blk.bench_virtio_blk(elf, args.repeats, with_qemu)
     if "boot" in sections:
         bench_boot(args.boot_runs)
+    if "virtio-guest" in sections:
+        bench_virtio_guest(args.virtio_repeats)
     return 0
 
 
 def bench_boot(runs: int) -> None:
     """bench/boot.py, where Linux boots: here, or inside the nested host."""
+    _where_linux_boots("boot", "boot.py", ["--runs", str(runs)])
+
+
+def bench_virtio_guest(repeats: int) -> None:
+    """bench/virtio_guest.py, where Linux boots: here, or inside the nested host."""
+    _where_linux_boots("virtio-guest", "virtio_guest.py", ["--repeats", str(repeats)])
+
+
+def _where_linux_boots(section: str, script: str, args: list[str]) -> None:
+    """Run ``script`` from this folder on this host if its KVM boots Linux, else inside
+    ``kasou nested``, the default guest built first."""
     from kasou.kvm.host import probe_host
 
-    command = [sys.executable, str(Path(__file__).with_name("boot.py")), "--runs", str(runs)]
-    subprocess.run([kasou_peer.KASOU, "image", "build"], check=True)
+    command = [sys.executable, str(Path(__file__).with_name(script)), *args]
+    subprocess.run([kasou_peer.KASOU, "image", "build"], check=True, stdout=subprocess.DEVNULL)
     if probe_host().backend.boots_linux:
         subprocess.run(command, check=True)
         return
     print(
-        "\n(boot: this host's KVM cannot boot Linux; measuring inside `kasou nested`, "
+        f"\n({section}: this host's KVM cannot boot Linux; measuring inside `kasou nested`, "
         "where the host CPU itself is emulated by QEMU TCG)"
     )
     subprocess.run([kasou_peer.KASOU, "nested", "--", *command], check=True)

@@ -55,10 +55,12 @@ def test_a_flushed_write_survives_kill_9_of_kasou(launch: Launcher, tmp_path: Pa
 
 
 def test_two_vms_share_one_base_through_qcow2_overlays(launch: Launcher, tmp_path: Path) -> None:
-    base = tmp_path / "base.raw"
-    with open(base, "wb") as file:
+    raw = tmp_path / "base.raw"
+    with open(raw, "wb") as file:
         file.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(base)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(base)], check=True)
     before = base.read_bytes()
     overlays = []
     for name in ("a", "b"):

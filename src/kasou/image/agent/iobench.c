@@ -13,11 +13,11 @@
  *
  * timed with CLOCK_MONOTONIC from the moment every thread is ready to the last read's return
  * (mbps is 10^6 bytes per second).  Exit status 0 on success, 1 when the device cannot be read,
- * 2 for a bad command line.
- *
- * With -c it prints the guest's CLOCK_MONOTONIC in nanoseconds (``clock NS``) and exits: the
- * benchmarks time busybox commands with it, since busybox's date has no %N.  What it does not do: write, verify data, or use asynchronous I/O
+ * 2 for a bad command line.  What it does not do: write, verify data, or use asynchronous I/O
  * (busybox's guest has no fio, and Debian's needs libraries the default guest lacks).
+ *
+ * With -c it prints the guest's CLOCK_MONOTONIC in nanoseconds ("clock NS") and exits: the
+ * benchmarks time busybox commands with it, since busybox's date has no %N.
  *
  * Build: gcc -static -O2 -Wall -Wextra -pthread -o kasou-iobench iobench.c
  */
