@@ -291,3 +291,64 @@ def test_serial_input_from_a_regular_file_arrives_whole_and_in_order(
         )
     assert result.returncode == 0, result.stderr
     assert message in result.stdout
+
+
+# --- devices: bad input is one line, and nothing is left behind --------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--disk", "/nonexistent/disk.raw", "disk: /nonexistent/disk.raw does not exist"),
+        ("--disk", ",ro", "give a path first"),
+        ("--disk", "{tmp}/disk.raw,format=vmdk", "format=vmdk: use raw or qcow2"),
+        ("--disk", "{tmp}/disk.raw,serial=" + "x" * 21, "at most 20 printable bytes"),
+        ("--disk", "{tmp}/disk.raw,bogus=1", "unknown option 'bogus'"),
+        ("--net", "tap=this-name-is-too-long", "is not an interface name"),
+        ("--net", "mac=01:00:5e:00:00:01", "multicast"),
+        ("--net", "mac=52:54:00:zz:00:01", "write it like 52:54:00:12:34:56"),
+        ("--vsock", "cid=2,uds={tmp}/v.sock", "cid=2: give 3 or more"),
+        ("--vsock", "uds={tmp}/v.sock", "give cid=N,uds=PATH"),
+        ("--vsock", "cid=3,uds=/nonexistent/dir/v.sock", "does not exist"),
+    ],
+)
+def test_bad_device_options(
+    guest_elf: Path, tmp_path: Path, no_leftovers: Path, option: str, value: str, expected: str
+) -> None:
+    (tmp_path / "disk.raw").write_bytes(bytes(1 << 20))
+    value = value.replace("{tmp}", str(tmp_path))
+    args = ["run", "--kernel", str(guest_elf), "--api-sock", str(no_leftovers), option, value]
+    assert expected in _error_line(run(*args))
+    assert not no_leftovers.exists()
+    assert not (tmp_path / "v.sock").exists()
+
+
+def test_a_corrupt_qcow2_is_refused_at_start(guest_elf: Path, tmp_path: Path) -> None:
+    image = tmp_path / "bad.qcow2"
+    created = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=False
+    )
+    if created.returncode:
+        pytest.skip("qemu-img is not installed")
+    data = bytearray(image.read_bytes())
+    data[40:48] = (1 << 40).to_bytes(8, "big")  # l1_table_offset: far outside the file
+    image.write_bytes(bytes(data))
+    vsock = tmp_path / "v.sock"
+    line = _error_line(
+        run(
+            "run", "--kernel", str(guest_elf), "--disk", str(image), "--vsock", f"cid=3,uds={vsock}"
+        )
+    )
+    assert "disk:" in line and str(image) in line
+    assert not vsock.exists()
+
+
+def test_a_tap_in_use_is_named(guest_elf: Path, tmp_path: Path) -> None:
+    if not os.path.exists("/dev/net/tun") or os.geteuid() != 0:
+        pytest.skip("needs root and /dev/net/tun")
+    from kasou.tap import open_tap
+
+    name = f"kb{os.getpid() % 100000}"
+    with open_tap(name):  # held by this process: kasou cannot attach it
+        line = _error_line(run("run", "--kernel", str(guest_elf), "--net", f"tap={name}"))
+    assert f"TAP {name} is in use by another process" in line
