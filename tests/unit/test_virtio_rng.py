@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from virtio_driver import CountingTrigger, Driver
 
-from kasou.devices.virtio import VirtioMmio
+from kasou.devices.virtio import VirtioMmio, Virtqueue
 from kasou.devices.virtio.rng import MAX_REQUEST, Rng
 from kasou.devices.virtio.spec import F_EVENT_IDX, F_VERSION_1, Reg, Status
 from kasou.event import EventLoop
@@ -100,3 +100,31 @@ def test_a_reset_stops_the_device_and_it_starts_again(rng: tuple[Driver, Rng]) -
     driver.start()
     driver.submit(0, writable=[8])
     assert driver.wait_used(0)[0][1] == 8
+
+
+class _BrokenRng(Rng):
+    """An rng whose request handling has a bug: the base class must contain it."""
+
+    def process(self, queue: Virtqueue) -> None:
+        raise ZeroDivisionError("a bug in a device model")
+
+
+def test_a_device_bug_stops_that_device_with_needs_reset(
+    loop: EventLoop, memory: GuestMemory, rng: tuple[Driver, Rng]
+) -> None:
+    broken = _BrokenRng(loop)
+    trigger = CountingTrigger()
+    transport = VirtioMmio(broken, memory, trigger)
+    try:
+        driver = Driver(transport, memory, trigger, heap=0x800000)
+        driver.start()
+        driver.submit(0, writable=[8])
+        driver.wait_status(Status.NEEDS_RESET)
+        assert "ZeroDivisionError" in (broken.broken or "")
+        healthy, _ = rng  # the loop, and another device on it, go on
+        healthy.start()
+        healthy.submit(0, writable=[8])
+        assert healthy.wait_used(0)[0][1] == 8
+    finally:
+        broken.close()
+        transport.close()

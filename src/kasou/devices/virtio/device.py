@@ -205,6 +205,14 @@ class VirtioDevice:
                     break
         except RingError as error:
             self.fail(str(error))
+            return
+        except Exception as error:  # a device bug: this device stops, the VM goes on
+            message = f"internal error: {type(error).__name__}: {error}"
+        else:
+            return
+        # Outside the handler, as text: the exception's frames hold views of guest RAM.
+        log.error("%s: %s", self.name, message)
+        self.fail(message)
 
     # --- internals ----------------------------------------------------------------------
 
