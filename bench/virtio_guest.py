@@ -78,11 +78,21 @@ NETWORK = ipaddress.ip_network("10.0.0.0/24")
 MAC = "52:54:00:6b:62:01"  # one MAC for both guests: the host's neighbour entry stays right
 MEMORY_MIB = 512
 BOOT_TIMEOUT = 240.0  # the nested host runs under TCG: a boot there takes tens of seconds
-COMMAND_TIMEOUT = 300.0
+COMMAND_TIMEOUT = 120.0  # the longest command takes about 15 s in the nested host
 
 
 class BenchError(RuntimeError):
     """A guest or a VMM did not do what the benchmark needs."""
+
+
+_STARTED = time.monotonic()
+_verbose = False
+
+
+def _note(text: str) -> None:
+    """A progress line on stderr, with ``--verbose``."""
+    if _verbose:
+        print(f"[{time.monotonic() - _STARTED:7.1f} s] {text}", file=sys.stderr, flush=True)
 
 
 def _tail(path: Path, what: str, lines: int = 15) -> str:
@@ -492,13 +502,20 @@ def _bench_disk_name(guest: Guest, size: int) -> str:
 def measure(guest: Guest, plan: Plan) -> dict[str, Figure]:
     """Every row's figure for one booted guest."""
     dev = _bench_disk_name(guest, plan.disk_bytes)
+    _note(f"{guest.name}: up; the bench disk is /dev/{dev}")
     ids: dict[str, str] = {}
     if isinstance(guest, KasouGuest):
         ids = {"disk": guest.device_id("block", plan.disk_bytes), "net": guest.device_id("net")}
     results: dict[str, Figure] = {}
     for row in ROWS:
         before = guest.counters()
-        samples = [row.sample(guest, plan, dev) for _ in range(plan.repeats)]
+        samples = []
+        for _ in range(plan.repeats):
+            try:
+                samples.append(row.sample(guest, plan, dev))
+            except Exception as error:
+                raise BenchError(f"{guest.name}: {row.name}: {error}") from error
+            _note(f"{guest.name}: {row.name}: {samples[-1]:,.2f} {row.unit}")
         after = guest.counters()
         figure = Figure(statistics.median(samples))
         if before is not None and after is not None and row.device in ids:
@@ -512,6 +529,7 @@ def measure(guest: Guest, plan: Plan) -> dict[str, Figure]:
         exec_true()  # warm-up, not counted
         samples = [exec_true() for _ in range(plan.execs)]
         results[f"exec true {line}"] = Figure(statistics.median(samples) * 1e3)
+        _note(f"{guest.name}: exec true {line}: {results[f'exec true {line}'].value:.2f} ms")
     return results
 
 
@@ -645,9 +663,15 @@ def print_table(
 
 
 def bench_virtio_guest(
-    plan: Plan, with_qemu: bool, folder: Path | None = None, *, with_kasou: bool = True
+    plan: Plan,
+    with_qemu: bool,
+    folder: Path | None = None,
+    *,
+    with_kasou: bool = True,
+    logs: Path | None = None,
 ) -> None:
-    """Boot each VMM once, measure every row, print the section."""
+    """Boot each VMM once, measure every row, print the section. With ``logs``, the VMMs'
+    stderr and the guests' COM1 are copied there at the end, however it ends."""
     guest = default_guest(build=False)
     cmdline = f"{guest.disk_cmdline} kasou.ip={GUEST_ADDRESS}/{NETWORK.prefixlen}"
     with tempfile.TemporaryDirectory(prefix="kasou-vguest-", dir=folder) as tmp:
@@ -655,19 +679,26 @@ def bench_virtio_guest(
         disk = _make_disk(scratch, plan.disk_bytes)
         kasou: dict[str, Figure] = {}
         qemu: dict[str, Figure] | None = None
-        with host_tap():
-            if with_kasou:
-                kasou_guest = KasouGuest(scratch, disk, cmdline)
-                try:
-                    kasou = measure(kasou_guest, plan)
-                finally:
-                    kasou_guest.close()
-            if with_qemu:
-                qemu_guest = QemuGuest(scratch, disk, cmdline)
-                try:
-                    qemu = measure(qemu_guest, plan)
-                finally:
-                    qemu_guest.close()
+        try:
+            with host_tap():
+                if with_kasou:
+                    _note("kasou: booting")
+                    kasou_guest = KasouGuest(scratch, disk, cmdline)
+                    try:
+                        kasou = measure(kasou_guest, plan)
+                    finally:
+                        kasou_guest.close()
+                if with_qemu:
+                    _note("QEMU: booting")
+                    qemu_guest = QemuGuest(scratch, disk, cmdline)
+                    try:
+                        qemu = measure(qemu_guest, plan)
+                    finally:
+                        qemu_guest.close()
+        finally:
+            if logs is not None:
+                for log in scratch.glob("*.log"):
+                    shutil.copyfile(log, logs / log.name)
         disk_on = _file_system(scratch)
     print_table(plan, disk_on, kasou, qemu)
 
@@ -690,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-qemu", action="store_true", help="kasou's figures only")
     parser.add_argument("--no-kasou", action="store_true", help="QEMU's figures only")
     parser.add_argument("--dir", type=Path, help="folder for the disk file (default: $TMPDIR)")
+    parser.add_argument("--logs", type=Path, help="copy the VMMs' and guests' logs here")
+    parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     options = parser.parse_args(argv)
+    global _verbose
+    _verbose = options.verbose
     from kasou.kvm.host import probe_host
 
     if not probe_host().backend.boots_linux:
@@ -710,7 +745,9 @@ def main(argv: list[str] | None = None) -> int:
         reads=options.reads,
         execs=options.execs,
     )
-    bench_virtio_guest(plan, with_qemu, options.dir, with_kasou=not options.no_kasou)
+    bench_virtio_guest(
+        plan, with_qemu, options.dir, with_kasou=not options.no_kasou, logs=options.logs
+    )
     return 0
 
 
