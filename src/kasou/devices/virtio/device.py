@@ -218,13 +218,17 @@ class VirtioDevice:
 
     def _notified(self, index: int, fd: int) -> Callable[[int], None]:
         queue = self.queues[index]
+        generation = self._generation
 
         def handler(events: int) -> None:
             try:
                 os.eventfd_read(fd)
             except BlockingIOError:
                 pass  # another handler turn already drained it
-            self.run_queue(queue)
+            # After a reset and a new activation, this handler may run once more before
+            # ``_stopped`` takes it away: the new activation's ``_started`` serves the queue.
+            if generation == self._generation:
+                self.run_queue(queue)
 
         return handler
 
