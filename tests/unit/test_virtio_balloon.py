@@ -31,14 +31,6 @@ F_FREE_PAGE_HINT = 1 << 3
 PATTERN = 0x5A
 
 
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    loop = EventLoop("test-balloon")
-    loop.start()
-    yield loop
-    loop.stop()
-
-
 @pytest.fixture(params=["anonymous", "memfd"])
 def memory(request: pytest.FixtureRequest) -> Iterator[GuestMemory]:
     memory = GuestMemory.create([(0, RAM)], backing=request.param)

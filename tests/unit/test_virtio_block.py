@@ -44,21 +44,6 @@ def header(kind: int, sector: int = 0) -> bytes:
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    loop = EventLoop("test-block")
-    loop.start()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    memory = GuestMemory.create([(0, 32 << 20)])
-    yield memory
-    memory.close()
-
-
-@pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.raw"
     path.write_bytes(os.urandom(DISK_SIZE))

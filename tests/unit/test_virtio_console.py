@@ -99,21 +99,6 @@ class Guest:
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    loop = EventLoop("test-console")
-    loop.start()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    memory = GuestMemory.create([(0, 16 << 20)])
-    yield memory
-    memory.close()
-
-
-@pytest.fixture
 def path() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:  # AF_UNIX paths are short
         yield Path(folder) / "port1.sock"

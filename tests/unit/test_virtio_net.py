@@ -82,21 +82,6 @@ def is_test_frame(data: bytes) -> bool:
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    loop = EventLoop("test-net")
-    loop.start()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    memory = GuestMemory.create([(0, 32 << 20)])
-    yield memory
-    memory.close()
-
-
-@pytest.fixture
 def netns() -> Iterator[Netns]:
     if skip_reason() is not None:
         pytest.skip(str(skip_reason()))

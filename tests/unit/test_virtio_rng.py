@@ -17,21 +17,6 @@ from kasou.memory import GuestMemory
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    loop = EventLoop("test-virtio")
-    loop.start()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    memory = GuestMemory.create([(0, 16 << 20)])
-    yield memory
-    memory.close()
-
-
-@pytest.fixture
 def rng(loop: EventLoop, memory: GuestMemory) -> Iterator[tuple[Driver, Rng]]:
     device = Rng(loop)
     trigger = CountingTrigger()

@@ -179,21 +179,6 @@ class Guest:
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    loop = EventLoop("test-vsock")
-    loop.start()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def memory() -> Iterator[GuestMemory]:
-    memory = GuestMemory.create([(0, 64 << 20)])
-    yield memory
-    memory.close()
-
-
-@pytest.fixture
 def folder() -> Iterator[Path]:
     # Short: a Unix socket path has at most 107 bytes, pytest's tmp_path can be longer.
     path = Path(tempfile.mkdtemp(prefix="vsock", dir="/tmp"))
