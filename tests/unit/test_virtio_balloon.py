@@ -9,9 +9,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from virtio_driver import PAGE, CountingTrigger, Driver, resident_pages, settle
+from virtio_driver import PAGE, Driver, resident_pages, settle
 
-from kasou.devices.virtio import VirtioMmio
 from kasou.devices.virtio.balloon import (
     F_DEFLATE_ON_OOM,
     F_PAGE_REPORTING,
@@ -41,11 +40,9 @@ def memory(request: pytest.FixtureRequest) -> Iterator[GuestMemory]:
 @pytest.fixture
 def balloon(loop: EventLoop, memory: GuestMemory) -> Iterator[tuple[Driver, Balloon]]:
     device = Balloon(loop)
-    trigger = CountingTrigger()
-    transport = VirtioMmio(device, memory, trigger)
-    yield Driver(transport, memory, trigger), device
-    device.close()
-    transport.close()
+    driver = Driver.attach(device, memory)
+    yield driver, device
+    driver.close()
 
 
 def pfn_array(pages: list[int]) -> bytes:

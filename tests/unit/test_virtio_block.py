@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtio_driver import CountingTrigger, Driver
+from virtio_driver import Driver
 
-from kasou.devices.virtio import VirtioMmio
 from kasou.devices.virtio.block import (
     F_DISCARD,
     F_FLUSH,
@@ -53,9 +52,7 @@ def image(tmp_path: Path) -> Path:
 class Attached:
     def __init__(self, loop: EventLoop, memory: GuestMemory, config: DiskConfig, heap: int):
         self.device = Block(loop, open_disk(config.path, read_only=config.read_only), config)
-        self.trigger = CountingTrigger()
-        self.transport = VirtioMmio(self.device, memory, self.trigger)
-        self.driver = Driver(self.transport, memory, self.trigger, heap=heap)
+        self.driver = Driver.attach(self.device, memory, heap=heap)
         self.memory = memory
 
     def request(
@@ -72,8 +69,7 @@ class Attached:
         return self.memory.read(status_address, 1)[0], data, length
 
     def close(self) -> None:
-        self.device.close()
-        self.transport.close()
+        self.driver.close()
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from virtio_driver import WAIT, CountingTrigger, Driver, settle
+from virtio_driver import WAIT, Driver, settle
 
-from kasou.devices.virtio import VirtioMmio
 from kasou.devices.virtio.console import (
     F_EMERG_WRITE,
     F_MULTIPORT,
@@ -114,11 +113,9 @@ def console(
     loop: EventLoop, memory: GuestMemory, sink: Sink, path: Path
 ) -> Iterator[tuple[Guest, Console]]:
     device = Console(loop, sink, socket=path)
-    trigger = CountingTrigger()
-    transport = VirtioMmio(device, memory, trigger)
-    yield Guest(Driver(transport, memory, trigger), memory), device
-    device.close()
-    transport.close()
+    driver = Driver.attach(device, memory)
+    yield Guest(driver, memory), device
+    driver.close()
 
 
 def connect(path: Path) -> socket.socket:

@@ -13,9 +13,8 @@ from typing import Any, NamedTuple
 
 import pytest
 from netns_harness import Netns, receive_incoming, skip_reason
-from virtio_driver import CountingTrigger, Driver
+from virtio_driver import Driver
 
-from kasou.devices.virtio import VirtioMmio
 from kasou.devices.virtio.net import (
     F_CSUM,
     F_GUEST_CSUM,
@@ -99,20 +98,17 @@ class Rig(NamedTuple):
 
 @pytest.fixture
 def make_rig(loop: EventLoop, memory: GuestMemory, netns: Netns) -> Iterator[Callable[..., Rig]]:
-    made: list[tuple[Net, VirtioMmio]] = []
+    made: list[Driver] = []
 
     def make(name: str = "kt0", mac: str | None = "02:00:00:aa:bb:cc") -> Rig:
         tap = netns.run(lambda: open_tap(name))
         device = Net(loop, tap, mac=mac, name="net0")
-        trigger = CountingTrigger()
-        transport = VirtioMmio(device, memory, trigger)
-        made.append((device, transport))
-        return Rig(Driver(transport, memory, trigger), device, memory, tap.name)
+        made.append(Driver.attach(device, memory))
+        return Rig(made[-1], device, memory, tap.name)
 
     yield make
-    for device, transport in made:
-        device.close()
-        transport.close()
+    for driver in made:
+        driver.close()
 
 
 @pytest.fixture
@@ -305,11 +301,9 @@ def fake(loop: EventLoop, memory: GuestMemory) -> Iterator[tuple[Driver, Net, So
     tap = SocketTap()
     backend: NetBackend = tap
     device = Net(loop, backend, mac="02:00:00:aa:bb:cc")
-    trigger = CountingTrigger()
-    transport = VirtioMmio(device, memory, trigger)
-    yield Driver(transport, memory, trigger), device, tap
-    device.close()
-    transport.close()
+    driver = Driver.attach(device, memory)
+    yield driver, device, tap
+    driver.close()
 
 
 def test_a_tap_that_pushes_back_delays_frames_and_loses_none(

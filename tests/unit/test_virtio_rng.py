@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from virtio_driver import CountingTrigger, Driver
+from virtio_driver import Driver
 
-from kasou.devices.virtio import VirtioMmio, Virtqueue
+from kasou.devices.virtio import Virtqueue
 from kasou.devices.virtio.rng import MAX_REQUEST, Rng
 from kasou.devices.virtio.spec import F_EVENT_IDX, F_VERSION_1, Reg, Status
 from kasou.event import EventLoop
@@ -19,11 +19,9 @@ from kasou.memory import GuestMemory
 @pytest.fixture
 def rng(loop: EventLoop, memory: GuestMemory) -> Iterator[tuple[Driver, Rng]]:
     device = Rng(loop)
-    trigger = CountingTrigger()
-    transport = VirtioMmio(device, memory, trigger)
-    yield Driver(transport, memory, trigger), device
-    device.close()
-    transport.close()
+    driver = Driver.attach(device, memory)
+    yield driver, device
+    driver.close()
 
 
 def test_identity_registers(rng: tuple[Driver, Rng]) -> None:
@@ -98,10 +96,8 @@ def test_a_device_bug_stops_that_device_with_needs_reset(
     loop: EventLoop, memory: GuestMemory, rng: tuple[Driver, Rng]
 ) -> None:
     broken = _BrokenRng(loop)
-    trigger = CountingTrigger()
-    transport = VirtioMmio(broken, memory, trigger)
+    driver = Driver.attach(broken, memory, heap=0x800000)
     try:
-        driver = Driver(transport, memory, trigger, heap=0x800000)
         driver.start()
         driver.submit(0, writable=[8])
         driver.wait_status(Status.NEEDS_RESET)
@@ -111,5 +107,4 @@ def test_a_device_bug_stops_that_device_with_needs_reset(
         healthy.submit(0, writable=[8])
         assert healthy.wait_used(0)[0][1] == 8
     finally:
-        broken.close()
-        transport.close()
+        driver.close()

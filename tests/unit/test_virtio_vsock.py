@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from virtio_driver import WAIT, CountingTrigger, Driver
+from virtio_driver import WAIT, Driver
 
-from kasou.devices.virtio import VirtioMmio
 from kasou.devices.virtio.spec import VIRTQ_DESC_F_NEXT, Reg, Status
 from kasou.devices.virtio.vsock import BUF_ALLOC, HOST_PORT_FIRST, MAX_PAYLOAD, Op, Vsock
 from kasou.errors import ConfigError
@@ -196,20 +195,17 @@ Rig = Callable[..., tuple[Vsock, Driver]]
 
 @pytest.fixture
 def rig(loop: EventLoop, memory: GuestMemory, uds: Path) -> Iterator[Rig]:
-    made: list[tuple[Vsock, VirtioMmio]] = []
+    made: list[Driver] = []
 
     def make(**options: Any) -> tuple[Vsock, Driver]:
         device = Vsock(loop, GUEST_CID, uds, **options)
-        trigger = CountingTrigger()
-        transport = VirtioMmio(device, memory, trigger)
-        made.append((device, transport))
-        return device, Driver(transport, memory, trigger)
+        made.append(Driver.attach(device, memory))
+        return device, made[-1]
 
     yield make
     loop.stop()  # the builder's order: the reactor stops, then the devices close
-    for device, transport in made:
-        device.close()
-        transport.close()
+    for driver in made:
+        driver.close()
 
 
 # --- host helpers ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from kasou.devices.virtio import VirtioMmio
+from kasou.devices.virtio import VirtioDevice, VirtioMmio
 from kasou.devices.virtio.spec import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
@@ -107,6 +107,17 @@ class Driver:
         self._next = heap
         self.queues: dict[int, DriverQueue] = {}
         self.features = 0
+
+    @classmethod
+    def attach(cls, device: VirtioDevice, memory: GuestMemory, heap: int = 0x10000) -> Driver:
+        """Put ``device`` behind a fresh transport with a counting interrupt line; ``close``
+        releases both."""
+        trigger = CountingTrigger()
+        return cls(VirtioMmio(device, memory, trigger), memory, trigger, heap=heap)
+
+    def close(self) -> None:
+        self.transport.device.close()
+        self.transport.close()
 
     # --- registers ------------------------------------------------------------------
 
