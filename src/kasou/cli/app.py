@@ -55,14 +55,14 @@ def run(
         str, typer.Option(help="What a guest reboot does: exit kasou, or restart the guest.")
     ] = "exit",
     disk: Annotated[
-        Optional[list[str]],  # noqa: UP045 (typer reads the annotation)
+        list[str] | None,
         typer.Option(
             help="A virtio-blk disk: PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=512|4096]. "
             "Repeatable; the first is /dev/vda."
         ),
     ] = None,
     net: Annotated[
-        Optional[list[str]],  # noqa: UP045
+        list[str] | None,
         typer.Option(
             help="A virtio-net interface on a TAP: [tap=NAME][,mac=MAC] (an empty value: a new "
             "TAP). Repeatable."

@@ -66,10 +66,11 @@ def run_vm(options: dict[str, object]) -> int:
         sys.stderr.write(f"kasou: error: {error}\n")
         return 2
     finally:
-        for folder in scratch:
+        if scratch:
             import shutil
 
-            shutil.rmtree(folder, ignore_errors=True)
+            for folder in scratch:
+                shutil.rmtree(folder, ignore_errors=True)
     if ending.report is not None or ending.kind.status:
         print_crash(ending)
     return ending.kind.status
