@@ -5,6 +5,7 @@ from __future__ import annotations
 from kasou.arch.x86_64 import layout
 from kasou.arch.x86_64.gdt import (
     BOOT_CS,
+    BOOT_CS32,
     BOOT_DS,
     BOOT_TSS,
     GDT_ADDRESS,
@@ -12,6 +13,7 @@ from kasou.arch.x86_64.gdt import (
     Segment,
     boot_segments,
     gdt_entries,
+    protected_mode_segments,
     write_gdt,
     write_idt,
 )
@@ -62,6 +64,28 @@ def test_decoded_segments() -> None:
         0,
         1,
     )
+
+
+def test_the_multiboot_entry_gets_flat_32_bit_segments_from_the_same_table() -> None:
+    # Multiboot 0.6.96 §3.2: CS a 32-bit read/execute segment with offset 0 and limit
+    # 0xffffffff; DS, ES, FS, GS, SS read/write with the same offset and limit.
+    code, data, tss = protected_mode_segments()
+    assert (code.selector, code.base, code.limit, code.db, code.l, code.type) == (
+        BOOT_CS32,
+        0,
+        0xFFFFFFFF,
+        1,
+        0,
+        0xB,
+    )
+    assert (data.selector, data.base, data.limit, data.db, data.type) == (
+        BOOT_DS,
+        0,
+        0xFFFFFFFF,
+        1,
+        0x3,
+    )
+    assert tss == boot_segments().tss  # type 0xb: a busy 32-bit TSS outside IA-32e mode
 
 
 def test_tss_descriptor_base_high_half_is_decoded() -> None:

@@ -21,6 +21,7 @@ COMMANDS = {
     "pause",
     "resume",
     "stop",
+    "shutdown",
     "exec",
     "image",
     "nested",

@@ -113,6 +113,23 @@ def test_vmlinux_gets_a_minimal_header_and_the_loader_fields() -> None:
     assert u8(page, 0x1EF) == 0  # sentinel: nothing but the header was copied
 
 
+def test_the_acpi_rsdp_address_goes_at_0x070_and_defaults_to_none() -> None:
+    page = build_boot_params(
+        setup_header=None, cmdline_addr=0x20000, cmdline_size=0, initrd=None, e820=E820
+    )
+    assert u64(page, 0x070) == 0  # no ACPI tables: the kernel searches (and finds none)
+    page = build_boot_params(
+        setup_header=None,
+        cmdline_addr=0x20000,
+        cmdline_size=0,
+        initrd=None,
+        e820=E820,
+        acpi_rsdp_addr=0xE0000,
+    )
+    assert u64(page, 0x070) == 0xE0000
+    assert u64(page, 0x078) == 0  # nothing spills into the padding after it
+
+
 def test_addresses_above_4g_use_the_ext_fields() -> None:
     page = build_boot_params(
         setup_header=None,

@@ -40,6 +40,24 @@ def test_exec_timeouts_in_range(timeout: float) -> None:
     assert request.timeout == timeout
 
 
+def test_shutdown_replies_at_once_unless_asked_to_wait() -> None:
+    assert parse_request({"request": "shutdown"}) == Request(RequestKind.SHUTDOWN, wait=0.0)
+    request = parse_request({"request": "shutdown", "wait": 30})
+    assert (request.wait, isinstance(request.wait, float)) == (30.0, True)
+
+
+@pytest.mark.parametrize("wait", [-1, True, "60", None, 86401, math.inf, math.nan, [60]])
+def test_shutdown_wait_bounds(wait: object) -> None:
+    error = _refused({"request": "shutdown", "wait": wait})
+    assert error.field == "wait"
+    assert "0 to 86400" in str(error)
+
+
+def test_shutdown_takes_no_exec_arguments() -> None:
+    error = _refused({"request": "shutdown", "timeout": 5})
+    assert "shutdown does not take timeout" in str(error)
+
+
 def _refused(message: object) -> ConfigError:
     with pytest.raises(ConfigError) as caught:
         parse_request(message)
@@ -120,6 +138,7 @@ request_like = st.fixed_dictionaries(
         "argv": st.lists(st.text(max_size=6), max_size=3) | json_values,
         "stdin": st.text(max_size=6) | json_values,
         "timeout": st.floats() | st.integers() | json_values,
+        "wait": st.floats() | st.integers() | json_values,
     },
 )
 
@@ -132,6 +151,7 @@ def test_any_json_value_gives_a_request_or_config_error(message: object) -> None
         return
     assert isinstance(request, Request)
     assert 0 < request.timeout <= 86400
+    assert 0 <= request.wait <= 86400
 
 
 def test_replies_encode_as_the_protocol_says() -> None:

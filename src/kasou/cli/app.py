@@ -32,12 +32,31 @@ def run(
     kernel: Annotated[
         Path | None,
         typer.Option(
-            help="Linux kernel: a vmlinux (ELF) or a bzImage. Default: the default guest."
+            help="Linux kernel: a vmlinux (ELF) or a bzImage; or a Multiboot kernel. Default: "
+            "the default guest."
         ),
     ] = None,
     initrd: Annotated[
-        Path | None, typer.Option(help="Initial ramdisk (cpio, optionally compressed).")
+        list[str] | None,
+        typer.Option(
+            help="Initial ramdisk (cpio, optionally compressed). For a Multiboot kernel: a "
+            "module, repeatable, its string the path as given."
+        ),
     ] = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            help="Boot a disk image (raw or qcow2, e.g. a Debian cloud image): its kernel, "
+            "initrd and root file system, the image as /dev/vda behind a throw-away overlay."
+        ),
+    ] = None,
+    image_writable: Annotated[
+        bool,
+        typer.Option(
+            "--image-writable",
+            help="With --image: the guest writes to the image itself, not to an overlay.",
+        ),
+    ] = False,
     cmdline: Annotated[
         str | None,
         typer.Option(help="Kernel command line. Default: console=ttyS0 reboot=k panic=-1"),
@@ -78,6 +97,13 @@ def run(
     rng: Annotated[
         bool, typer.Option("--rng", help="A virtio-rng device (the host's getrandom).")
     ] = False,
+    no_acpi: Annotated[
+        bool,
+        typer.Option(
+            "--no-acpi",
+            help="No ACPI tables (CPUs from the MP table, no power button for `kasou shutdown`).",
+        ),
+    ] = False,
     balloon: Annotated[
         bool,
         typer.Option(
@@ -87,6 +113,20 @@ def run(
     virtio_console: Annotated[
         str | None,
         typer.Option(help="A virtio-console (hvc0, plus a second port on sock=PATH)."),
+    ] = None,
+    debug_exit: Annotated[
+        str | None,
+        typer.Option(
+            help="A debug-exit port, PORT[,size=1|2|4] (0xf4 or 244): a guest write of V there "
+            "ends kasou with status (V << 1) | 1, as QEMU's isa-debug-exit."
+        ),
+    ] = None,
+    cloud_init: Annotated[
+        str | None,
+        typer.Option(
+            help="A cloud-init NoCloud seed, attached read-only after the other disks: "
+            "USER-DATA or user-data=PATH[,meta-data=PATH][,network-config=PATH]."
+        ),
     ] = None,
 ) -> None:
     """Boot a guest and attach its serial console (Ctrl-A X quits).
@@ -99,6 +139,8 @@ def run(
         {
             "kernel": kernel,
             "initrd": initrd,
+            "image": image,
+            "image_writable": image_writable,
             "cmdline": cmdline,
             "vcpus": vcpus,
             "memory": memory,
@@ -109,8 +151,11 @@ def run(
             "net": net,
             "vsock": vsock,
             "rng": rng,
+            "no_acpi": no_acpi,
             "balloon": balloon,
             "virtio_console": virtio_console,
+            "cloud_init": cloud_init,
+            "debug_exit": debug_exit,
         }
     )
     raise typer.Exit(status)
@@ -209,6 +254,43 @@ def stop(sock: SockOption) -> None:
     _request(sock, "stop")
 
 
+@app.command(epilog="Example: kasou shutdown --sock /tmp/vm.sock --timeout 30")
+def shutdown(
+    sock: SockOption,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the guest to power off.")
+    ] = 60.0,
+) -> None:
+    """Press the VM's ACPI power button and wait for the guest to shut down and power off.
+
+    Exits 0 once the guest has powered off; 1 when it has not within --timeout or the VM
+    ended another way. A guest without ACPI (or still booting) has no power button to press:
+    `kasou stop` ends a VM at once."""
+    from kasou.client import ControlClient
+    from kasou.errors import KasouError
+
+    if not 0 < timeout <= 86400:
+        _fail(ValueError("--timeout must be above 0 seconds, at most 86400"))
+    try:
+        with ControlClient(sock) as client:
+            result = client.shutdown(wait=timeout)
+    except KasouError as error:
+        _fail(error)
+    ending = result["ending"]
+    if ending is None:
+        typer.echo(
+            f"kasou: the guest did not power off within {timeout:g} s (it may ignore the "
+            f"power button): `kasou stop --sock {sock}` ends the VM at once",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if ending["kind"] not in ("poweroff", "closed"):
+        typer.echo(f"kasou: the VM ended without powering off: {ending['reason']}", err=True)
+        raise typer.Exit(1)
+    how = "the guest powered off" if ending["kind"] == "poweroff" else "the VM ended"
+    typer.echo(f"{how} after {result['seconds']:.1f} s")
+
+
 @app.command(
     "exec",
     epilog="Example: kasou exec --sock /tmp/vm.sock -- uname -a",
@@ -275,25 +357,45 @@ def cp(
     raise typer.Exit(status)
 
 
-image_app = typer.Typer(help="The default guest image.", no_args_is_help=True)
+image_app = typer.Typer(help="Guest images: the default guest, Debian 12.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 app.add_typer(disk_app, name="disk")
 
 
-@image_app.command("build", epilog="Example: kasou image build")
+@image_app.command(
+    "build", epilog="Examples: kasou image build; kasou image build --distro debian-12"
+)
 def image_build(
     force: Annotated[bool, typer.Option(help="Rebuild even what is cached.")] = False,
+    distro: Annotated[
+        str | None,
+        typer.Option(
+            help="Build a distribution's image instead: debian-12 (a Debian cloud-style qcow2 "
+            "disk with its kernel and initramfs; needs root and Debian's mirror)."
+        ),
+    ] = None,
 ) -> None:
-    """Build (or find cached) the default guest: kernel, initramfs, root disk."""
+    """Build (or find cached) the default guest: kernel, initramfs, root disk. With --distro
+    debian-12: a Debian 12 disk image (qcow2) and the kernel and initramfs that boot it."""
     from kasou import image
     from kasou.cli.progress import BuildProgress
     from kasou.errors import KasouError
 
+    if distro is not None and distro != "debian-12":
+        _fail(KasouError(f"--distro {distro}: the one distribution kasou builds is debian-12"))
     try:
         with BuildProgress() as progress:
-            guest = image.build(force=force, progress=progress)
+            if distro is not None:
+                debian = image.build_debian(force=force, progress=progress)
+            else:
+                guest = image.build(force=force, progress=progress)
     except KasouError as error:
         _fail(error)
+    if distro is not None:
+        for name in ("disk", "kernel", "initrd"):
+            typer.echo(f"{name:<8} {getattr(debian, name)}")
+        typer.echo(f"cmdline  {debian.cmdline}")
+        return
     for name in ("kernel", "bzimage", "initrd", "rootfs"):
         typer.echo(f"{name:<8} {getattr(guest, name)}")
     typer.echo(f"cmdline  {guest.cmdline}")

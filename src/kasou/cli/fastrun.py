@@ -73,7 +73,7 @@ def run_vm(options: dict[str, object]) -> int:
                 shutil.rmtree(folder, ignore_errors=True)
     if ending.report is not None or ending.kind.status:
         print_crash(ending)
-    return ending.kind.status
+    return ending.status  # a debug exit's status is the guest's choice
 
 
 def _config(options: dict[str, object], scratch: list[Path]) -> Any:
@@ -81,6 +81,7 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
         DEFAULT_CMDLINE,
         VmConfig,
         VsockConfig,
+        parse_debug_exit,
         parse_disk,
         parse_net,
         parse_virtio_console,
@@ -88,6 +89,9 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
     )
 
     kernel, initrd, cmdline = options.get("kernel"), options.get("initrd"), options["cmdline"]
+    # --initrd is repeatable: a Multiboot kernel's modules; a Linux kernel takes one.
+    initrds = [str(text) for text in initrd or ()]  # type: ignore[attr-defined]
+    debug_exit = parse_debug_exit(str(options["debug_exit"])) if options.get("debug_exit") else None
     disks = [parse_disk(str(text)) for text in options.get("disk") or ()]  # type: ignore[attr-defined]
     nets = tuple(parse_net(str(text)) for text in options.get("net") or ())  # type: ignore[attr-defined]
     vsock = parse_vsock(str(options["vsock"])) if options.get("vsock") else None
@@ -95,7 +99,27 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
     virtio_console = parse_virtio_console(str(console_text)) if console_text is not None else None
     api_sock = Path(str(options["api_sock"])) if options.get("api_sock") else None
     rng = bool(options.get("rng"))
-    if not kernel:
+    cloud_init = options.get("cloud_init")
+    # Built first: bad user-data is refused before the default guest is built or any
+    # overlay is made.
+    seed = _cloud_init_seed(str(cloud_init), scratch) if cloud_init else None
+    image = options.get("image")
+    if image:
+        # A disk image: the boot files read from it, the image as /dev/vda (through a
+        # throw-away overlay unless --image-writable) and, as for the default guest, the
+        # agent on vsock next to the control socket and an entropy device.
+        writable = bool(options.get("image_writable"))
+        boot = _image_boot(Path(str(image)), kernel, initrds, cmdline, writable, scratch)
+        kernel, initrds, cmdline, root_disk = boot
+        disks.insert(0, root_disk)
+        if vsock is None and api_sock is not None:
+            vsock = VsockConfig(cid=3, uds=Path(f"{api_sock}.vsock"))
+        rng = True
+    elif options.get("image_writable"):
+        from kasou.errors import ConfigError
+
+        raise ConfigError("image-writable", "give the image too: --image DISK --image-writable")
+    elif not kernel:
         # The default guest: its root disk as /dev/vda through a throw-away qcow2 overlay
         # (the cached image stays pristine and is shared by every VM), the agent on vsock
         # next to the control socket, and an entropy device.
@@ -109,9 +133,12 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
         if vsock is None and api_sock is not None:
             vsock = VsockConfig(cid=3, uds=Path(f"{api_sock}.vsock"))
         rng = True
+    if seed is not None:
+        disks.append(seed)  # after every other disk: the others keep their names
     return VmConfig.from_options(
         kernel=str(kernel),
-        initrd=initrd,  # type: ignore[arg-type]
+        initrd=initrds[0] if initrds else None,
+        extra_initrds=tuple(Path(text) for text in initrds[1:]),
         memory=options["memory"],  # type: ignore[arg-type]
         console=str(options["console"]),
         cmdline=cmdline or DEFAULT_CMDLINE,
@@ -122,9 +149,68 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
         nets=nets,
         vsock=vsock,
         rng=rng,
+        acpi=not options.get("no_acpi"),
         balloon=bool(options.get("balloon")),
         virtio_console=virtio_console,
+        debug_exit=debug_exit,
     )
+
+
+def _cloud_init_seed(text: str, scratch: list[Path]) -> Any:
+    """A NoCloud seed (``--cloud-init``) as a read-only raw disk, removed when kasou ends."""
+    import tempfile
+
+    from kasou.cloudinit import SEED_LABEL, build_seed, parse_cloud_init
+    from kasou.vmm.config import DiskConfig, VmConfig
+
+    files = parse_cloud_init(text)
+    folder = Path(tempfile.mkdtemp(prefix="kasou-seed-"))
+    scratch.append(folder)
+    seed = folder / "seed.iso"
+    build_seed(seed, files, hostname=VmConfig.name)  # the VM's name (the class default)
+    return DiskConfig(seed, read_only=True, format="raw", serial=SEED_LABEL)
+
+
+def _image_boot(
+    image: Path,
+    kernel: object,
+    initrds: list[str],
+    cmdline: object,
+    writable: bool,
+    scratch: list[Path],
+) -> tuple[object, list[str], str, Any]:
+    """``--image``: the kernel, initrds, command line and root disk to boot the image with.
+
+    The image's kernel and initrd are written to a scratch folder (the loader takes files)
+    unless --kernel/--initrd replace them; the command line is the default one plus the
+    image's ``root=UUID=... ro``, or --cmdline plus the image's ``root=`` where it has none.
+    """
+    import os
+    import tempfile
+
+    from kasou.bootdisk import find_boot_files
+    from kasou.vmm.config import DEFAULT_CMDLINE, DiskConfig
+
+    boot = find_boot_files(image)
+    folder = Path(tempfile.mkdtemp(prefix="kasou-image-"))
+    scratch.append(folder)
+    if not kernel:
+        kernel = folder / "vmlinuz"
+        kernel.write_bytes(boot.kernel)
+    if not initrds and boot.initrd is not None:
+        (folder / "initrd.img").write_bytes(boot.initrd)
+        initrds = [str(folder / "initrd.img")]
+    if not cmdline:
+        cmdline = f"{DEFAULT_CMDLINE} {boot.cmdline}"
+    elif not any(word.startswith("root=") for word in str(cmdline).split()):
+        cmdline = " ".join([str(cmdline), *(w for w in boot.cmdline.split() if w != "ro")])
+    if writable:
+        return kernel, initrds, str(cmdline), DiskConfig(image, serial="kasou-root")
+    from kasou.disk import create_overlay
+
+    overlay = folder / "root.qcow2"
+    create_overlay(overlay, os.path.abspath(image))  # the backing format: the image's own
+    return kernel, initrds, str(cmdline), DiskConfig(overlay, serial="kasou-root")
 
 
 def _root_overlay(base: Path, scratch: list[Path]) -> Any:

@@ -18,8 +18,29 @@ class RunOption(NamedTuple):
 
 
 RUN_OPTIONS = (
-    RunOption("kernel", "Linux kernel: a vmlinux (ELF) or a bzImage. Default: the default guest."),
-    RunOption("initrd", "Initial ramdisk (cpio, optionally compressed)."),
+    RunOption(
+        "kernel",
+        "Linux kernel: a vmlinux (ELF) or a bzImage; or a Multiboot kernel. Default: the "
+        "default guest.",
+    ),
+    RunOption(
+        "initrd",
+        "Initial ramdisk (cpio, optionally compressed). For a Multiboot kernel: a module, "
+        "repeatable, its string the path as given.",
+        repeat=True,
+    ),
+    RunOption(
+        "image",
+        "Boot a disk image (raw or qcow2, e.g. a Debian cloud image): its kernel, initrd and "
+        "root file system, the image as /dev/vda behind a throw-away overlay.",
+    ),
+    RunOption(
+        "image-writable",
+        "With --image: the guest writes to the image itself, not to an overlay.",
+        False,
+        bool,
+        flag=True,
+    ),
     RunOption("cmdline", "Kernel command line. Default: console=ttyS0 reboot=k panic=-1"),
     RunOption("vcpus", "Number of virtual CPUs.", 1, int),
     RunOption("memory", "Guest RAM, like 512M or 2G.", "512M"),
@@ -49,6 +70,13 @@ RUN_OPTIONS = (
     ),
     RunOption("rng", "A virtio-rng device (the host's getrandom).", False, bool, flag=True),
     RunOption(
+        "no-acpi",
+        "No ACPI tables (CPUs from the MP table, no power button for `kasou shutdown`).",
+        False,
+        bool,
+        flag=True,
+    ),
+    RunOption(
         "balloon",
         "A virtio-balloon device (target set through the control socket).",
         False,
@@ -56,6 +84,16 @@ RUN_OPTIONS = (
         flag=True,
     ),
     RunOption("virtio-console", "A virtio-console (hvc0, plus a second port on sock=PATH)."),
+    RunOption(
+        "debug-exit",
+        "A debug-exit port, PORT[,size=1|2|4] (0xf4 or 244): a guest write of V there ends "
+        "kasou with status (V << 1) | 1, as QEMU's isa-debug-exit.",
+    ),
+    RunOption(
+        "cloud-init",
+        "A cloud-init NoCloud seed, attached read-only after the other disks: USER-DATA or "
+        "user-data=PATH[,meta-data=PATH][,network-config=PATH].",
+    ),
 )
 
 RUN_EXAMPLE = (

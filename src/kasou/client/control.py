@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from kasou.errors import HostError, KasouError
 
-__all__ = ["ControlClient", "RemoteError"]
+__all__ = ["ConnectionClosed", "ControlClient", "RemoteError"]
 
 
 class RemoteError(KasouError):
@@ -18,6 +19,10 @@ class RemoteError(KasouError):
     def __init__(self, type_name: str, message: str) -> None:
         super().__init__(message)
         self.type = type_name
+
+
+class ConnectionClosed(HostError):
+    """The VM closed the connection before replying: it ended, or its kasou is exiting."""
 
 
 class ControlClient:
@@ -45,7 +50,7 @@ class ControlClient:
         except OSError as lost:  # reset, broken pipe, timed out: the VM turned us away or died
             raise HostError(f"{self.path}: lost the connection to the VM: {lost}") from lost
         if not line:
-            raise HostError(f"{self.path}: the VM closed the connection")
+            raise ConnectionClosed(f"{self.path}: the VM closed the connection")
         reply = json.loads(line)
         if reply.get("ok"):
             result: dict[str, Any] = reply.get("result", {})
@@ -60,6 +65,29 @@ class ControlClient:
         """Run ``argv`` in the guest through its agent: ``{"status", "stdout", "stderr"}``."""
         self._socket.settimeout(timeout + 15)
         return self.request("exec", argv=argv, stdin=stdin, timeout=timeout)
+
+    def shutdown(self, wait: float = 60.0) -> dict[str, Any]:
+        """Press the VM's ACPI power button, then wait up to ``wait`` seconds (0: not at all)
+        for the VM to end.
+
+        Returns ``{"state", "power_button", "ending", "seconds"}``: ``ending`` is ``None``
+        while the VM still runs, else ``{"kind", "reason"}`` with the kind of
+        ``kasou run``'s ending ("poweroff" when the guest powered off), or kind "closed" when
+        kasou exited before it could reply. Raises ``RemoteError`` when the guest does not
+        listen for the button (no ACPI, or still booting): ``stop`` ends it at once."""
+        self._socket.settimeout(wait + 15)
+        started = time.monotonic()
+        try:
+            return self.request("shutdown", wait=wait)
+        except ConnectionClosed:
+            if wait <= 0:
+                raise
+            return {
+                "state": "stopped",
+                "power_button": "pressed",
+                "ending": {"kind": "closed", "reason": "kasou exited: its control socket closed"},
+                "seconds": round(time.monotonic() - started, 3),
+            }
 
     def close(self) -> None:
         self._reader.close()

@@ -1,10 +1,13 @@
 """kasou's default guest: a minimal Linux built from Debian packages alone, kept in a cache.
 
 What it is: a kernel from ``linux-source-6.1`` configured by ``kernel.config`` (virtio-mmio
-built in, no modules, no PCI, no ACPI), an initramfs of busybox plus kasou's guest agent, and
+built in, ACPI, no modules, no PCI), an initramfs of busybox plus kasou's guest agent, and
 an ext4 root disk with the same user space. ``default_guest()`` returns the cached paths,
 building what is missing or out of date; ``build()`` rebuilds on demand (``kasou image
 build``). The host side of the agent's protocol is in ``kasou.agent.protocol``.
+
+``debian_image()`` and ``build_debian()`` do the same for a Debian 12 image shaped like Debian's
+cloud images (``_debian``): a qcow2 disk with the stock cloud kernel and initramfs beside it.
 
 This package builds files; it does not boot them (``kasou.loader`` and ``kasou.vmm`` do) and
 does not draw progress (front ends pass a ``Progress``).
@@ -13,7 +16,8 @@ Booting the guest: ``DefaultGuest.cmdline`` is for the kernel with the initramfs
 root disk instead, give it as the first virtio-blk disk with ``root=/dev/vda rw`` added (and no
 initrd). Either way busybox init starts the agent on COM2 and a root shell on COM1; ``poweroff``
 in the guest writes kasou's power-off register (``kasou.agent.protocol.POWEROFF_PORT``), ``reboot``
-resets through the i8042.
+resets through the i8042, and the ACPI power button (``kasou shutdown``) makes the kernel signal
+init to power off the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kasou.image._cache import cache_dir
+from kasou.image._debian import DebianImage, debian_image
 from kasou.image._errors import ImageBuildError
 from kasou.image._progress import Progress
 
@@ -32,11 +37,14 @@ if TYPE_CHECKING:  # the builders themselves are imported when first needed
 __all__ = [
     "CMDLINE",
     "ROOT_ON_DISK",
+    "DebianImage",
     "DefaultGuest",
     "ImageBuildError",
     "Progress",
     "build",
+    "build_debian",
     "cache_dir",
+    "debian_image",
     "default_guest",
 ]
 
@@ -45,7 +53,8 @@ __all__ = [
 # time. Drop it (kasou run --cmdline) to see the whole log.
 CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 """The default guest's kernel command line: the console on COM1; reboot through the keyboard
-controller (there is no ACPI); on a panic, reboot at once so the VMM sees the guest end."""
+controller (kasou's FADT has no reset register); on a panic, reboot at once so the VMM sees the
+guest end."""
 
 
 ROOT_ON_DISK = "root=/dev/vda rw"
@@ -90,6 +99,15 @@ def build(force: bool = False, progress: Progress | None = None) -> DefaultGuest
     """Build the default guest into the cache: only what is missing or out of date, or all of
     it with ``force``. Raises ImageBuildError if a step fails (with its log's tail and path)."""
     return _build(force=force, progress=progress)
+
+
+def build_debian(force: bool = False, progress: Progress | None = None) -> DebianImage:
+    """Build the Debian 12 image (``kasou image build --distro debian-12``): only if it is
+    missing or out of date, or again with ``force``. Needs root. Raises ImageBuildError if a
+    step fails (with its log's tail and path)."""
+    from kasou.image import _debian
+
+    return _debian.build_debian(progress, force=force)
 
 
 def _build(force: bool, progress: Progress | None) -> DefaultGuest:

@@ -8,6 +8,8 @@ Layout under ``cache_dir()``::
     guest/logs/               one log per build step, kept after a failure
     guest/tmp/                builds in progress (same file system, so the final rename is atomic)
     guest/lock                held (flock) while a build runs
+    debian-12/                the Debian 12 image (``_debian``): ``<key>/`` entries, and logs/,
+                              tmp/ and lock of its own, used as above
 
 An entry is complete exactly when its directory exists under its key: a build writes into a
 temporary directory and renames it into place as its last step.
@@ -54,8 +56,10 @@ def guest_dir() -> Path:
     return cache_dir() / "guest"
 
 
-def log_dir() -> Path:
-    path = guest_dir() / "logs"
+def log_dir(root: Path | None = None) -> Path:
+    """Where build logs are kept: ``logs/`` under ``root`` (the default guest's directory
+    unless given)."""
+    path = (guest_dir() if root is None else root) / "logs"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -74,12 +78,13 @@ def read_manifest(entry: Path) -> dict[str, str] | None:
 
 
 @contextlib.contextmanager
-def build_lock() -> Iterator[None]:
-    """Serialise builds between processes (two `kasou` commands building at once)."""
+def build_lock(root: Path | None = None) -> Iterator[None]:
+    """Serialise builds between processes (two `kasou` commands building at once): the lock
+    is ``root/lock`` (``root`` is the default guest's directory unless given)."""
     import fcntl
     import shutil
 
-    root = guest_dir()
+    root = guest_dir() if root is None else root
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -93,12 +98,13 @@ def build_lock() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staging_dir(name: str) -> Iterator[Path]:
-    """A fresh temporary directory in the cache, removed on the way out whatever happens."""
+def staging_dir(name: str, root: Path | None = None) -> Iterator[Path]:
+    """A fresh temporary directory in ``root/tmp`` (``root`` is the default guest's directory
+    unless given), removed on the way out whatever happens."""
     import shutil
     import tempfile
 
-    tmp = guest_dir() / "tmp"
+    tmp = (guest_dir() if root is None else root) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
     try:

@@ -10,6 +10,14 @@ The 64-bit boot protocol (Documentation/arch/x86/boot.rst): the kernel is entere
 mode with paging on at ``LoadedKernel.entry``, with RSI holding the address of
 ``boot_params``; the kernel image (up to ``LoadedKernel.end``), ``boot_params``, the command
 line and the initrd must be identity mapped.
+
+Multiboot (v1) kernels (``multiboot.py``) are loaded here too, and their modules and boot
+information written by ``multiboot.py`` for the VMM, which enters them in 32-bit protected
+mode. Which protocol a file gets: a bzImage ("HdrS") is a bzImage; a file with a valid
+Multiboot header is a Multiboot kernel, except an x86-64 ELF executable whose header's
+address fields name an entry other than its ``e_entry``: that file has a 64-bit entry as
+well (kasou's guest kit is built so) and boots through it. A Linux vmlinux has no Multiboot
+header; an x86-64 ELF whose Multiboot entry is its ``e_entry`` has 32-bit code there.
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ from kasou.loader.bzimage import (
 )
 from kasou.loader.elf import ElfKernel, is_elf, load_elf, parse_elf
 from kasou.loader.initrd import IDENTITY_MAP_END, load_initrd, read_error
+from kasou.loader.multiboot import (
+    find_header,
+    header_offsets,
+    load_multiboot,
+    parse_multiboot,
+)
 from kasou.memory import GuestMemory
 
 __all__ = [
@@ -57,15 +71,18 @@ __all__ = [
     "write_cmdline",
 ]
 
-KernelKind = Literal["elf", "bzimage"]
+KernelKind = Literal["elf", "bzimage", "multiboot"]
 _MIB = 1 << 20
+# A Multiboot kernel's command line has no limit of its own (Multiboot 0.6.96, 3.3); the
+# VMM bounds it by the room it has.
+_MULTIBOOT_CMDLINE_MAX = 1 << 20
 
 
 class LoadedKernel(NamedTuple):
     """A kernel copied into guest memory, and what the rest of the boot needs to know."""
 
     kind: KernelKind
-    entry: int  # guest-physical 64-bit entry point
+    entry: int  # guest-physical entry point: 64-bit; a Multiboot kernel's is 32-bit
     start: int  # lowest guest-physical byte of the kernel image
     end: int  # first byte after the image, including bss (ELF) or init_size (bzImage)
     setup_header: bytes | None  # bzImage: its setup header, for boot_params; ELF: None
@@ -74,29 +91,49 @@ class LoadedKernel(NamedTuple):
 
 
 def kernel_format(path: Path) -> KernelKind:
-    """Tell a usable vmlinux from a usable bzImage; ``ImageError`` for anything else."""
+    """Tell a usable vmlinux, bzImage or Multiboot kernel apart; ``ImageError`` for anything
+    else."""
     data = _read(path)
     name = f"kernel {path}"
-    if is_elf(data):
+    kind = _kind(data)
+    if kind == "multiboot":
+        parse_multiboot(data, name)
+    elif kind == "elf":
         parse_elf(data, name)
-        return "elf"
-    parse_bzimage(data, name)
-    return "bzimage"
+    else:
+        parse_bzimage(data, name)
+    return kind
 
 
 def load_kernel(memory: GuestMemory, path: Path, *, extract: bool = False) -> LoadedKernel:
-    """Load the vmlinux or bzImage at ``path`` into ``memory``.
+    """Load the vmlinux, bzImage or Multiboot kernel at ``path`` into ``memory``.
 
     With ``extract``, a bzImage is not loaded as such: the vmlinux in its payload is, and
-    booted like any vmlinux (for hosts where the bzImage's decompressor cannot run).
+    booted like any vmlinux (for hosts where the bzImage's decompressor cannot run). A
+    Multiboot kernel's modules and information are the caller's (``multiboot.py``).
     """
     data = _read(path)
     name = f"kernel {path}"
-    if is_elf(data):
+    kind = _kind(data)
+    if kind == "multiboot":
+        return _load_multiboot(memory, data, name)
+    if kind == "elf":
         return _load_elf(memory, data, name)
     if extract:
         return _load_elf(memory, extract_vmlinux(data, name), name)
     return _load_bzimage(memory, data, name)
+
+
+def _kind(data: bytes) -> KernelKind:
+    """The protocol ``data`` boots with (the rule in the module docstring); ``_read`` has
+    checked that it looks like one of them."""
+    if _is_multiboot(data):
+        return "multiboot"
+    if is_elf(data):
+        return "elf"
+    if is_bzimage(data):
+        return "bzimage"
+    return "multiboot"  # only a Multiboot magic: parse_multiboot says what is wrong with it
 
 
 def _load_elf(memory: GuestMemory, data: bytes, name: str) -> LoadedKernel:
@@ -146,6 +183,34 @@ def _load_bzimage(memory: GuestMemory, data: bytes, name: str) -> LoadedKernel:
     )
 
 
+def _is_multiboot(data: bytes) -> bool:
+    """Whether ``data`` boots as a Multiboot kernel (the rule in the module docstring)."""
+    header = find_header(data)
+    if header is None or is_bzimage(data):
+        return False
+    if not header.has_address_fields or not is_elf(data):
+        return True
+    try:
+        elf = parse_elf(data)
+    except ImageError:
+        return True  # not an x86-64 executable kasou can enter in 64-bit mode
+    return header.entry_addr == elf.entry
+
+
+def _load_multiboot(memory: GuestMemory, data: bytes, name: str) -> LoadedKernel:
+    kernel = parse_multiboot(data, name)
+    load_multiboot(memory, data, kernel, name)
+    return LoadedKernel(
+        kind="multiboot",
+        entry=kernel.entry,
+        start=kernel.start,
+        end=kernel.end,
+        setup_header=None,
+        cmdline_max=_MULTIBOOT_CMDLINE_MAX,
+        initrd_addr_max=IDENTITY_MAP_END,  # modules: multiboot.load_modules places them
+    )
+
+
 def _needs_memory(name: str, end: int, memory: GuestMemory) -> ImageError:
     return ImageError(
         f"{name} needs {(end + _MIB - 1) // _MIB} MiB of guest memory, the VM has "
@@ -158,9 +223,15 @@ def _read(path: Path) -> bytes:
         data = Path(path).read_bytes()
     except OSError as error:
         raise read_error("kernel", path, error) from error
-    if not is_elf(data) and not is_bzimage(data):
+    if not is_elf(data) and not is_bzimage(data) and not _has_multiboot_magic(data):
         raise ImageError(
-            f"kernel {path} is not a kernel (neither an ELF vmlinux nor a bzImage): "
-            "give a vmlinux or a bzImage"
+            f"kernel {path} is not a kernel (neither an ELF vmlinux, a bzImage nor a "
+            "Multiboot kernel): give a vmlinux, a bzImage or a Multiboot kernel"
         )
     return data
+
+
+def _has_multiboot_magic(data: bytes) -> bool:
+    """Whether a Multiboot magic sits where a header may, checksum aside: such a file is
+    taken as a Multiboot kernel, so that a bad checksum is reported as such."""
+    return any(offset is not None for offset in header_offsets(data))

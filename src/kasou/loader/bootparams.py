@@ -198,13 +198,15 @@ def build_boot_params(
     cmdline_size: int,
     initrd: tuple[int, int] | None,
     e820: Sequence[tuple[int, int, int]],
+    acpi_rsdp_addr: int = 0,
 ) -> bytes:
     """Return the 4096-byte ``boot_params`` for the 64-bit entry.
 
     ``setup_header`` is the header copied from a bzImage (bytes from 0x1f1), or None for an
     ELF vmlinux, which gets a minimal header. ``cmdline_size`` is the length of the command
     line written at ``cmdline_addr`` without its NUL; ``initrd`` is ``(address, size)``;
-    ``e820`` is the memory map as ``(address, size, type)``.
+    ``e820`` is the memory map as ``(address, size, type)``; ``acpi_rsdp_addr`` is where the
+    ACPI RSDP is, 0 for a machine without ACPI tables.
     """
     params = BootParams()
     hdr = params.hdr
@@ -259,6 +261,11 @@ def build_boot_params(
     for index, (address, size, kind) in enumerate(e820):
         params.e820_table[index] = E820Entry(address, size, kind)
     params.e820_entries = len(e820)
+    # acpi_rsdp_addr (zero-page.rst, boot protocol 2.14): the RSDP's physical address, so the
+    # kernel need not scan the BIOS area for it; 0 leaves the kernel to search.
+    if not 0 <= acpi_rsdp_addr < 1 << 64:
+        raise ValueError(f"acpi_rsdp_addr {acpi_rsdp_addr:#x} is not a 64-bit address")
+    params.acpi_rsdp_addr = acpi_rsdp_addr
     return bytes(params)
 
 

@@ -3,8 +3,9 @@
 ``build_vm`` turns a validated ``VmConfig`` into a ``Vm`` ready to start: KVM VM and
 irqchip, guest RAM and its memory slots, the kernel and initrd loaded with boot_params, the
 legacy devices on the buses with their interrupt lines, and the vCPUs in the state the
-64-bit boot protocol asks for (Documentation/arch/x86/boot.rst). Anything that fails half
-way releases what was already made.
+64-bit boot protocol asks for (Documentation/arch/x86/boot.rst), or, for a Multiboot kernel,
+the 32-bit protected-mode state of Multiboot 0.6.96 §3.2. Anything that fails half way
+releases what was already made.
 """
 
 from __future__ import annotations
@@ -15,18 +16,26 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from kasou.arch.x86_64 import acpi, gdt, layout, mptable, msrs, paging
 from kasou.arch.x86_64 import cpuid as arch_cpuid
-from kasou.arch.x86_64 import gdt, layout, mptable, msrs, paging
-from kasou.devices.bus import Bus, BusDevice
+from kasou.devices.bus import Bus, BusDevice, BusError
+from kasou.devices.legacy.debug_exit import DebugExit, exit_status
 from kasou.devices.legacy.i8042 import I8042
-from kasou.devices.legacy.power import POWER_PORT, PowerOff
+from kasou.devices.legacy.power import (
+    PM1A_CNT_PORT,
+    PM1A_EVT_PORT,
+    PM_BASE,
+    PM_SIZE,
+    PM_TMR_PORT,
+    AcpiPm,
+)
 from kasou.devices.legacy.rtc import Rtc
 from kasou.devices.legacy.serial import Serial
 from kasou.errors import ConfigError, HostError, KasouError
 from kasou.kvm import Kvm, VcpuFd, VmFd
 from kasou.kvm import bindings as b
 from kasou.kvm.host import Backend, backend
-from kasou.loader import load_initrd, load_kernel
+from kasou.loader import LoadedKernel, load_initrd, load_kernel, multiboot
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
 from kasou.vmm.config import DiskConfig, NetConfig, VirtioConsoleConfig, VmConfig, VsockConfig
@@ -39,6 +48,7 @@ __all__ = [
     "AgentLine",
     "EventfdTrigger",
     "ExtraDevice",
+    "IrqLine",
     "VirtioSlot",
     "build_vm",
     "virtio_plan",
@@ -79,6 +89,18 @@ class EventfdTrigger:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class IrqLine:
+    """A level-triggered interrupt line: KVM_IRQ_LINE holds ``gsi`` at the level given until
+    the next call (the SCI: the guest's IOAPIC pin is programmed level-triggered)."""
+
+    def __init__(self, vm_fd: VmFd, gsi: int) -> None:
+        self._vm_fd = vm_fd
+        self.gsi = gsi
+
+    def set_level(self, high: bool) -> None:
+        self._vm_fd.irq_line(self.gsi, 1 if high else 0)
 
 
 class AgentLine(Protocol):
@@ -125,7 +147,10 @@ def build_vm(
         # boot the vmlinux inside it instead, as the 64-bit protocol allows for any vmlinux.
         plan = virtio_plan(config)
         cmdline = _with_virtio_devices(config.cmdline, len(plan))
-        entry = _load_guest(config, memory, cmdline, extract=backend() is Backend.PVM)
+        tables = _acpi_config(config, len(plan), agent is not None) if config.acpi else None
+        entry = _load_guest(
+            config, memory, cmdline, extract=backend() is Backend.PVM, tables=tables
+        )
 
         pio, mmio = Bus("pio"), Bus("mmio")
         vm = Vm(config, kvm, vm_fd, memory, pio, mmio, {}, cleanup.pop_all())
@@ -141,9 +166,24 @@ def build_vm(
     return vm
 
 
-def _load_guest(config: VmConfig, memory: GuestMemory, cmdline: str, extract: bool) -> int:
-    """Load kernel, initrd, command line and boot structures; return the 64-bit entry."""
+def _load_guest(
+    config: VmConfig,
+    memory: GuestMemory,
+    cmdline: str,
+    extract: bool,
+    tables: acpi.AcpiConfig | None = None,
+) -> int | MultibootEntry:
+    """Load kernel, initrd, command line and boot structures (the ACPI tables when ``tables``
+    is given); return the 64-bit entry (a Multiboot kernel's entry and information address)."""
     kernel = load_kernel(memory, config.kernel, extract=extract)
+    if kernel.kind == "multiboot":
+        return _load_multiboot(config, memory, cmdline, kernel, tables)
+    if config.extra_initrds:
+        raise ConfigError(
+            "initrd",
+            f"a Linux kernel takes one initrd, {len(config.initrds)} were given: join them "
+            "into one (concatenated cpio archives are one initramfs)",
+        )
     ram_top = max(region.end for region in memory.regions if region.gpa < layout.MMIO_HOLE_START)
     initrd = None
     if config.initrd is not None:
@@ -156,11 +196,70 @@ def _load_guest(config: VmConfig, memory: GuestMemory, cmdline: str, extract: bo
         cmdline_size=cmdline_size,
         initrd=initrd,
         e820=layout.e820_map([(region.gpa, region.size) for region in memory.regions]),
+        acpi_rsdp_addr=_write_acpi(memory, tables),
     )
     memory.write(layout.ZERO_PAGE, params)
     gdt.write_gdt(memory)
     paging.write_identity_map(memory)
     return kernel.entry
+
+
+class MultibootEntry(NamedTuple):
+    """Where a Multiboot kernel starts (32-bit, physical) and its information (EBX)."""
+
+    entry: int
+    info: int
+
+
+def _load_multiboot(
+    config: VmConfig,
+    memory: GuestMemory,
+    cmdline: str,
+    kernel: LoadedKernel,
+    tables: acpi.AcpiConfig | None,
+) -> MultibootEntry:
+    """Modules after the kernel, the command line, the Multiboot information below 1 MiB
+    (Multiboot 0.6.96 §3.3), and the same MP and ACPI tables a Linux guest gets."""
+    modules = multiboot.load_modules(memory, config.initrds, kernel.end)
+    # GRUB and QEMU pass the kernel's path first, then its arguments.
+    limit = min(kernel.cmdline_max, layout.CMDLINE_SIZE - 1)
+    write_cmdline(memory, layout.CMDLINE, f"{config.kernel} {cmdline}", limit)
+    e820 = layout.e820_map([(region.gpa, region.size) for region in memory.regions])
+    info = multiboot.write_info(
+        memory,
+        layout.MULTIBOOT_INFO,
+        layout.MULTIBOOT_INFO_SIZE,
+        cmdline=layout.CMDLINE,
+        modules=modules,
+        e820=e820,
+    )
+    mptable.write_mptable(memory, config.vcpus)
+    _write_acpi(memory, tables)  # found by the RSDP scan of 0xe0000-0xfffff
+    gdt.write_gdt(memory)
+    return MultibootEntry(kernel.entry, info)
+
+
+def _acpi_config(config: VmConfig, virtio_devices: int, com2: bool) -> acpi.AcpiConfig:
+    """What the ACPI tables describe: the machine ``_wire_devices`` and ``_wire_virtio``
+    build, with the PM registers of ``devices/legacy/power.py``."""
+    return acpi.AcpiConfig(
+        vcpus=config.vcpus,
+        serial=[COM1, COM2] if com2 else [COM1],
+        virtio=[
+            (layout.virtio_mmio_address(slot), layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[slot])
+            for slot in range(min(virtio_devices, len(layout.VIRTIO_IRQS)))
+        ],
+        pm1a_event=PM1A_EVT_PORT,
+        pm1a_control=PM1A_CNT_PORT,
+        pm_timer=PM_TMR_PORT,
+        sci_irq=layout.IRQ_SCI,
+    )
+
+
+def _write_acpi(memory: GuestMemory, tables: acpi.AcpiConfig | None) -> int:
+    """Write the ACPI tables (after the MP table: a kernel with ACPI prefers them); return
+    the RSDP's address, 0 for none (``--no-acpi``)."""
+    return 0 if tables is None else acpi.write_acpi_tables(memory, tables)
 
 
 def _wire_devices(
@@ -202,9 +301,31 @@ def _wire_devices(
     rtc = Rtc()
     vm.pio.insert(rtc, RTC_PORT, 2)
     vm.devices["rtc"] = rtc
-    vm.pio.insert(PowerOff(poweroff), POWER_PORT, 2)
+    # The ACPI PM registers, with the power-off register (PM1a_CNT) that guests without ACPI
+    # use too; the power button's SCI is a level line.
+    pm = AcpiPm(IrqLine(vm.vm_fd, layout.IRQ_SCI), poweroff)
+    vm.pio.insert(pm, PM_BASE, PM_SIZE)
+    vm.devices["pm"] = pm
+    if vm.config.debug_exit is not None:
+        _wire_debug_exit(vm, vm.config.debug_exit.port, vm.config.debug_exit.size)
     for extra in extra_devices:
         (vm.pio if extra.bus == "pio" else vm.mmio).insert(extra.device, extra.base, extra.length)
+
+
+def _wire_debug_exit(vm: Vm, port: int, size: int) -> None:
+    """``--debug-exit``: a guest write there ends the VM with the status it chose."""
+
+    def debug_exit(value: int) -> None:
+        status = exit_status(value)
+        reason = f"the guest wrote {value:#x} to the debug-exit port (exit status {status})"
+        vm.end(GuestExit(ExitKind.DEBUG_EXIT, reason, code=status))
+
+    try:
+        vm.pio.insert(DebugExit(debug_exit, size), port, size)
+    except BusError as error:
+        raise ConfigError(
+            "debug-exit", f"port {port:#x} is taken ({error}): choose another, like 0xf4"
+        ) from None
 
 
 class VirtioSlot(NamedTuple):
@@ -334,7 +455,7 @@ def _make_virtio_device(
     raise HostError(f"virtio device kind {planned.kind!r} is not built yet")
 
 
-def _create_vcpus(vm: Vm, entry: int) -> None:
+def _create_vcpus(vm: Vm, entry: int | MultibootEntry) -> None:
     supported = vm.kvm.get_supported_cpuid()
     plain = [
         arch_cpuid.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
@@ -363,7 +484,10 @@ def _create_vcpus(vm: Vm, entry: int) -> None:
         )
         fd.set_msrs(msrs.boot_msrs())
         _set_lint(fd)
-        if index == 0:
+        if isinstance(entry, MultibootEntry):
+            if index == 0:
+                _set_multiboot_registers(fd, entry)
+        elif index == 0:
             _set_boot_registers(fd, entry)
         vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, vm.end))
 
@@ -424,3 +548,29 @@ def _set_boot_registers(fd: VcpuFd, entry: int) -> None:
     fd.set_regs(regs)
     fpu = b.KvmFpu(fcw=0x37F, mxcsr=0x1F80)
     fd.set_fpu(fpu)
+
+
+def _set_multiboot_registers(fd: VcpuFd, entry: MultibootEntry) -> None:
+    """The boot CPU as Multiboot 0.6.96 §3.2 wants it: 32-bit protected mode, paging off, CS
+    flat 32-bit code, the other segments flat data, EFLAGS.VM and IF clear, EAX the boot
+    loader magic, EBX the information. A20 is always on under KVM. The spec leaves ESP to the
+    kernel; kasou's boot stack is there anyway."""
+    sregs = fd.get_sregs()
+    code, data, tss = (_segment(segment) for segment in gdt.protected_mode_segments())
+    sregs.cs = code
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.tr = tss
+    sregs.gdt.base, sregs.gdt.limit = gdt.GDT_ADDRESS, gdt.GDT_LIMIT
+    sregs.idt.base, sregs.idt.limit = layout.IDT, 0
+    sregs.cr0 = paging.CR0_PE | paging.CR0_ET
+    sregs.cr3 = sregs.cr4 = sregs.efer = 0
+    fd.set_sregs(sregs)
+    regs = b.KvmRegs(
+        rip=entry.entry,
+        rax=multiboot.BOOTLOADER_MAGIC,
+        rbx=entry.info,
+        rflags=0x2,
+        rsp=layout.BOOT_STACK,
+    )
+    fd.set_regs(regs)
+    fd.set_fpu(b.KvmFpu(fcw=0x37F, mxcsr=0x1F80))

@@ -18,12 +18,14 @@ from kasou.memory import format_size, host_memory_bytes, parse_size
 
 __all__ = [
     "ConsoleConfig",
+    "DebugExitConfig",
     "DiskConfig",
     "NetConfig",
     "VmConfig",
     "VirtioConsoleConfig",
     "VsockConfig",
     "parse_console",
+    "parse_debug_exit",
     "parse_disk",
     "parse_net",
     "parse_virtio_console",
@@ -94,6 +96,64 @@ def parse_virtio_console(text: str) -> VirtioConsoleConfig:
     if any(words):
         raise ConfigError("virtio-console", f"{text!r}: use sock=PATH or nothing")
     return VirtioConsoleConfig(Path(pairs["sock"]) if "sock" in pairs else None)
+
+
+class DebugExitConfig(NamedTuple):
+    """The debug-exit port (``devices/legacy/debug_exit.py``): ``--debug-exit PORT[,size=N]``.
+    A guest write there ends kasou with status ``(value << 1) | 1``."""
+
+    port: int
+    size: int = 4
+
+
+def parse_debug_exit(text: str) -> DebugExitConfig:
+    """Parse ``PORT[,size=1|2|4]``, the port in hex (``0xf4``) or decimal (``244``)."""
+    words, pairs = _options("debug-exit", text, ("size",))
+    if len(words) != 1:
+        raise ConfigError("debug-exit", f"{text!r}: give PORT[,size=1|2|4], like 0xf4")
+    port = _port_number(words[0])
+    size = pairs.get("size", "4")
+    if size not in ("1", "2", "4"):
+        raise ConfigError("debug-exit", f"size={size}: use 1, 2 or 4")
+    return DebugExitConfig(port, int(size))
+
+
+def _port_number(text: str) -> int:
+    try:
+        port = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
+    except ValueError:
+        raise ConfigError(
+            "debug-exit", f"{text!r} is not a port: give a number, hex (0xf4) or decimal"
+        ) from None
+    return port
+
+
+# Ports KVM's in-kernel PIC and PIT answer before an access could reach kasou's bus: the
+# 8259s (0x20, 0xa0), the 8254 (0x40-0x43), port B (0x61) and the ELCRs (0x4d0).
+_KVM_PORTS = (
+    ("the PIC", 0x20, 2),
+    ("the PIT", 0x40, 4),
+    ("port B (0x61)", 0x61, 1),
+    ("the PIC", 0xA0, 2),
+    ("the ELCR", 0x4D0, 2),
+)
+
+
+def _check_debug_exit(debug_exit: DebugExitConfig) -> None:
+    port, size = debug_exit
+    if size not in (1, 2, 4):
+        raise ConfigError("debug-exit", f"size={size}: use 1, 2 or 4")
+    if not 0 <= port <= 0x10000 - size:
+        raise ConfigError(
+            "debug-exit", f"port {port:#x}: x86 I/O ports end at 0xffff; give a lower one"
+        )
+    for owner, base, length in _KVM_PORTS:
+        if port < base + length and base < port + size:
+            raise ConfigError(
+                "debug-exit",
+                f"port {port:#x} is taken by {owner} (in the kernel's KVM): choose another, "
+                "like 0xf4",
+            )
 
 
 MAX_SERIAL = 20  # VIRTIO_BLK_ID_BYTES (virtio 1.2 §5.2.6)
@@ -232,6 +292,11 @@ class VmConfig:
     rng: bool = False
     balloon: bool = False
     virtio_console: VirtioConsoleConfig | None = None
+    acpi: bool = True  # ACPI tables (RSDP at 0xE0000); False leaves the MP table alone
+    # --initrd given more than once: the files after the first (``initrd``). A Multiboot
+    # kernel gets them all, in order, as modules; a Linux kernel takes one initrd.
+    extra_initrds: tuple[Path, ...] = ()
+    debug_exit: DebugExitConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vcpus, int) or self.vcpus < 1:
@@ -257,6 +322,12 @@ class VmConfig:
         _check_readable("kernel", self.kernel)
         if self.initrd is not None:
             _check_readable("initrd", self.initrd)
+        if self.extra_initrds and self.initrd is None:
+            raise ConfigError("initrd", "extra initrds without a first one: set initrd too")
+        for path in self.extra_initrds:
+            _check_readable("initrd", path)
+        if self.debug_exit is not None:
+            _check_debug_exit(self.debug_exit)
         _check_disks(self.disks)
         _check_nets(self.nets)
         if self.vsock is not None:
@@ -284,6 +355,11 @@ class VmConfig:
             console=parse_console(console),
             **others,  # type: ignore[arg-type]
         )
+
+    @property
+    def initrds(self) -> tuple[Path, ...]:
+        """Every ``--initrd``, in the order given."""
+        return ((self.initrd,) if self.initrd is not None else ()) + self.extra_initrds
 
     def check_host(self, max_vcpus: int) -> None:
         """Checks that need this host: its memory and KVM's vCPU limit."""

@@ -49,6 +49,10 @@ class ControlServer:
         self._loop = loop
         self._handle = handle
         self._clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        # A worker may finish after ``close`` (kasou exiting while it waited), when the loop
+        # may be stopped: it hands the client back to the loop only while this says open.
+        self._close_lock = threading.Lock()
+        self._closed = False
         self._listener = listen_unix(path, "api-sock")
         loop.add_reader(self._listener.fileno(), self._on_accept)
 
@@ -112,7 +116,9 @@ class ControlServer:
                 log.exception("control request failed")
             reply = Reply(False, error_type=type(error).__name__, error=str(error))
         self._reply(client, reply)
-        self._loop.call_soon(lambda: self._resume(fd, client))
+        with self._close_lock:
+            if not self._closed:
+                self._loop.call_soon(lambda: self._resume(fd, client))
 
     def _resume(self, fd: int, client: socket.socket) -> None:
         if self._clients.get(fd, (None,))[0] is not client:
@@ -152,6 +158,8 @@ class ControlServer:
             entry[0].close()
 
     def close(self) -> None:
+        with self._close_lock:
+            self._closed = True
         for fd in list(self._clients):
             self._drop(fd)
         self._loop.remove(self._listener.fileno())

@@ -23,18 +23,21 @@ class RequestKind(enum.Enum):
     EXEC = "exec"
     DEVICES = "devices"
     BALLOON = "balloon"
+    SHUTDOWN = "shutdown"  # press the ACPI power button: the guest shuts itself down
 
 
 @dataclass(frozen=True)
 class Request:
     """One request. ``exec`` has the command, its stdin (text) and how long it may run, in
-    seconds; ``balloon`` an optional new target size in bytes."""
+    seconds; ``balloon`` an optional new target size in bytes; ``shutdown`` how long to wait
+    for the VM to end before replying, in seconds (0: reply once the button is pressed)."""
 
     kind: RequestKind
     argv: tuple[str, ...] = ()
     stdin: str = ""
     timeout: float = 60.0
     target: int | None = None
+    wait: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ def parse_request(message: object) -> Request:
         raise ConfigError("request", f"{name} does not take {', '.join(sorted(extra))}")
     if kind is RequestKind.BALLOON:
         return Request(kind, target=_balloon_target(message.get("target")))
+    if kind is RequestKind.SHUTDOWN:
+        wait = message.get("wait", 0.0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 86400:
+            raise ConfigError("wait", "wait must be a number of seconds, 0 to 86400")
+        return Request(kind, wait=float(wait))
     if kind is not RequestKind.EXEC:
         return Request(kind)
     argv = message.get("argv")
@@ -98,6 +106,7 @@ def parse_request(message: object) -> Request:
 _ARGUMENTS = {
     RequestKind.EXEC: {"argv", "stdin", "timeout"},
     RequestKind.BALLOON: {"target"},
+    RequestKind.SHUTDOWN: {"wait"},
 }
 
 

@@ -18,11 +18,13 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from kasou.errors import LifecycleError
 from kasou.event import EventLoop
 from kasou.vmm.agent import AgentChannel
 from kasou.vmm.builder import build_vm
 from kasou.vmm.config import VmConfig
 from kasou.vmm.console import Console
+from kasou.vmm.lifecycle import VmState
 from kasou.vmm.vcpu import ExitKind, GuestExit, install_kick_handler
 from kasou.vmm.vm import Vm
 
@@ -65,6 +67,13 @@ class _Session:
             return Reply(True, {"state": "stopped"})
         if request.kind is RequestKind.EXEC:
             return lambda: self._exec(request)
+        if request.kind is RequestKind.SHUTDOWN:
+            if vm is None:  # between two boots: no guest to tell
+                raise LifecycleError("booting", VmState.RUNNING.value, "shut down")
+            pressed = vm.shutdown()
+            if request.wait <= 0:
+                return Reply(True, pressed)
+            return lambda: self._await_end(vm, request.wait, pressed)
         if vm is None:
             return Reply(True, {"state": "booting"})
         if request.kind is RequestKind.DEVICES:
@@ -88,6 +97,23 @@ class _Session:
             status["agent"]["ready_ns"] = self.agent.ready_ns  # CLOCK_MONOTONIC
         return Reply(True, status)
 
+    def _await_end(self, vm: Vm, wait: float, pressed: dict[str, object]) -> Reply:
+        """Wait (a worker thread) up to ``wait`` seconds for ``vm`` to end after a shutdown;
+        the reply says how it ended, or has ``ending`` None if it has not. kasou may exit
+        before this reply is sent: the client then sees its connection close."""
+        from kasou.vmm.requests import Reply
+
+        started = time.monotonic()
+        ending = vm.wait(wait)
+        result = {
+            **pressed,
+            "ending": None
+            if ending is None
+            else {"kind": ending.kind.value, "reason": ending.reason},
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        return Reply(True, result)
+
     def _exec(self, request: Request) -> Reply:
         from kasou.vmm.requests import Reply
 
@@ -103,7 +129,7 @@ class _Session:
 
 
 def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> GuestExit:
-    """Run the VM until it ends for good; return how it ended (``.kind.status`` is the exit
+    """Run the VM until it ends for good; return how it ended (``.status`` is the exit
     status). Raises ``KasouError`` for anything that stops it from being built."""
     install_kick_handler()
     loop = EventLoop(f"kasou-{config.name}-events")

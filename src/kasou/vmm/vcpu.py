@@ -59,20 +59,30 @@ class ExitKind(enum.Enum):
     STOPPED = "stopped"  # the host asked (stop request, Ctrl-A X, a signal)
     CRASH = "crash"  # triple fault, KVM internal error, failed entry
     ERROR = "error"  # kasou itself failed
+    DEBUG_EXIT = "debug-exit"  # the guest wrote the debug-exit port; it chose the status
 
     @property
     def status(self) -> int:
-        """The exit status of ``kasou run`` for this ending."""
+        """The exit status of ``kasou run`` for this ending (a debug exit's is its own:
+        ``GuestExit.status``)."""
         return 1 if self in (ExitKind.CRASH, ExitKind.ERROR) else 0
 
 
 class GuestExit(NamedTuple):
-    """How a VM ended; ``report`` (crashes) names the vCPU and its registers."""
+    """How a VM ended; ``report`` (crashes) names the vCPU and its registers; ``code`` is the
+    exit status a debug exit carries."""
 
     kind: ExitKind
     reason: str
     vcpu: int | None = None
     report: str | None = None
+    code: int | None = None
+
+    @property
+    def status(self) -> int:
+        """The exit status of ``kasou run``: the guest's own for a debug exit, else the
+        kind's."""
+        return self.code if self.code is not None else self.kind.status
 
 
 class _Command(enum.Enum):

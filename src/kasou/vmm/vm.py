@@ -196,6 +196,31 @@ class Vm:
             "counters": balloon.counters(),
         }
 
+    def shutdown(self) -> dict[str, Any]:
+        """Press the ACPI power button, asking the guest's OS to shut down and power off.
+
+        Returns at once; the VM ends when the guest powers off. Raises ``LifecycleError``
+        unless the VM is running, and ``GuestError`` when the guest is not listening for
+        the button (``AcpiPm.press_power_button``), which leaves the VM as it was."""
+        from kasou.errors import GuestError
+
+        # Under ``_lock``, so no pause slips in between the check and the press.
+        with self._lock:
+            if self._state is not VmState.RUNNING:
+                raise LifecycleError(self._state.value, VmState.RUNNING.value, "shut down")
+            if not self.config.acpi:
+                raise GuestError(
+                    "this VM has no ACPI (--no-acpi), so its guest has no power button to "
+                    "press: `kasou stop` ends the VM at once"
+                )
+            if not self.devices["pm"].press_power_button():
+                raise GuestError(
+                    "the guest has not enabled the ACPI power button (its kernel has no ACPI, "
+                    "it booted with acpi=off, or it is still booting): `kasou stop` ends the "
+                    "VM at once"
+                )
+        return {"state": VmState.RUNNING.value, "power_button": "pressed"}
+
     def close(self) -> None:
         """Stop the VM if needed and release everything it holds: threads, fds, memory."""
         self.stop("closed")

@@ -5,7 +5,9 @@ Documentation/arch/x86/boot.rst (64-bit Boot Protocol) asks for a GDT with flat 
 descriptors for ``__BOOT_CS`` (0x10, execute/read) and ``__BOOT_DS`` (0x18, read/write), CS
 holding the first and DS, ES, SS the second; the table below follows the layout of Linux's
 own early GDT (arch/x86/include/asm/segment.h: a 32-bit code segment at 0x08) and adds the
-TSS that a vCPU in IA-32e mode must have in TR (Intel SDM vol. 3, 8.2.3 and 27.3.1.2). It
+TSS that a vCPU in IA-32e mode must have in TR (Intel SDM vol. 3, 8.2.3 and 27.3.1.2). The
+same table serves a Multiboot kernel's 32-bit protected-mode entry (Multiboot 0.6.96, 3.2: CS
+a flat 32-bit code segment, the other segment registers flat data): CS is then 0x08. It
 describes the registers as plain data (``Segment``); loading them into a vCPU is the VMM's job.
 """
 
@@ -28,11 +30,12 @@ __all__ = [
     "Segment",
     "boot_segments",
     "gdt_entries",
+    "protected_mode_segments",
     "write_gdt",
     "write_idt",
 ]
 
-BOOT_CS32 = 0x08  # 32-bit flat code, as Linux's GDT_ENTRY_KERNEL32_CS; unused at entry
+BOOT_CS32 = 0x08  # 32-bit flat code, as Linux's GDT_ENTRY_KERNEL32_CS; the Multiboot entry
 BOOT_CS = 0x10  # __BOOT_CS: 64-bit code (L=1)
 BOOT_DS = 0x18  # __BOOT_DS: flat data for DS, ES, FS, GS, SS
 BOOT_TSS = 0x20  # the TSS: a 16-byte system descriptor in IA-32e mode (slots 4 and 5)
@@ -143,6 +146,19 @@ def boot_segments() -> BootSegments:
     entries = gdt_entries()
     return BootSegments(
         code=Segment.decode(BOOT_CS, entries),
+        data=Segment.decode(BOOT_DS, entries),
+        tss=Segment.decode(BOOT_TSS, entries),
+    )
+
+
+def protected_mode_segments() -> BootSegments:
+    """CS, the data segments and TR for a 32-bit protected-mode entry (Multiboot 0.6.96,
+    3.2): flat 4 GiB code with D=1 and flat data. TR keeps the boot TSS: outside IA-32e mode
+    its type 0xb reads as a busy 32-bit TSS, which VM entry accepts (SDM vol. 3, 27.3.1.2);
+    the TSS's upper descriptor half (slot 0x28) is then an unused null descriptor."""
+    entries = gdt_entries()
+    return BootSegments(
+        code=Segment.decode(BOOT_CS32, entries),
         data=Segment.decode(BOOT_DS, entries),
         tss=Segment.decode(BOOT_TSS, entries),
     )

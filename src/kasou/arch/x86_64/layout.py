@@ -4,7 +4,7 @@ This module owns where things live in guest-physical address space: the boot str
 VMM writes below 1 MiB, guest RAM (split around a 32-bit MMIO hole), the MMIO windows of
 devices and interrupt controllers, and the e820 map that tells the guest which is which. It
 only computes addresses; other modules write the structures (``gdt.py``, ``paging.py``,
-``mptable.py``, ``kasou.loader``).
+``mptable.py``, ``acpi.py``, ``kasou.loader``).
 
 Below 1 MiB (all of it guest RAM)::
 
@@ -15,8 +15,10 @@ Below 1 MiB (all of it guest RAM)::
     0x0_7000 - 0x0_7fff   zero page (boot_params)     (loader/bootparams.py)
     0x0_8000 - 0x0_8fff   boot stack, grows down from BOOT_STACK
     0x0_9000 - 0x0_efff   page tables: PML4, PDPT, 4 PDs (paging.py)
+    0x1_0000 - 0x1_ffff   Multiboot information, for Multiboot kernels (loader/multiboot.py)
     0x2_0000 - 0x2_ffff   kernel command line
-    0x9_fc00 - 0xf_ffff   EBDA: MP table from 0x9fc00 (mptable.py); e820-reserved to 1 MiB
+    0x9_fc00 - 0xa_1fff   EBDA: MP table from 0x9fc00 (mptable.py); e820-reserved to 1 MiB
+    0xe_0000 - 0xf_ffff   ACPI tables, RSDP first     (acpi.py)
     0x10_0000 -           HIMEM: kernel, initrd, the rest of RAM
 
 Above: RAM up to 3 GiB, then the MMIO hole [3 GiB, 4 GiB) with virtio-mmio devices at
@@ -32,6 +34,8 @@ from collections.abc import Sequence
 from kasou.errors import ConfigError
 
 __all__ = [
+    "ACPI_SIZE",
+    "ACPI_START",
     "BOOT_AREAS",
     "BOOT_STACK",
     "CMDLINE",
@@ -52,6 +56,7 @@ __all__ = [
     "IRQ_I8042",
     "IRQ_PIT",
     "IRQ_RTC",
+    "IRQ_SCI",
     "KVM_IDENTITY_MAP",
     "KVM_TSS",
     "KVM_TSS_SIZE",
@@ -63,6 +68,8 @@ __all__ = [
     "MMIO_HOLE_START",
     "MPTABLE",
     "MPTABLE_SIZE",
+    "MULTIBOOT_INFO",
+    "MULTIBOOT_INFO_SIZE",
     "PAGE_TABLES",
     "PAGE_TABLES_SIZE",
     "PD",
@@ -102,6 +109,8 @@ PDPT = 0xA000
 PD = 0xB000  # four page directories, 0xb000-0xefff, 2 MiB pages for the first 4 GiB
 PAGE_TABLES = PML4
 PAGE_TABLES_SIZE = 6 * _PAGE
+MULTIBOOT_INFO = 0x10000  # the Multiboot information structure, its memory map and strings
+MULTIBOOT_INFO_SIZE = 64 * KiB
 CMDLINE = 0x20000
 CMDLINE_SIZE = 64 * KiB  # room for the command line and its NUL
 # Linux scans the last KiB of 640 KiB of base memory for the MP floating pointer
@@ -110,6 +119,11 @@ CMDLINE_SIZE = 64 * KiB  # room for the command line and its NUL
 EBDA_START = 0x9FC00
 MPTABLE = EBDA_START
 MPTABLE_SIZE = 0xA2000 - MPTABLE  # 9 KiB: floating pointer + config table for 254 vCPUs
+# ACPI 6.5 §5.2.5.1: on IA-PC systems the OS finds the RSDP by scanning the first KiB of the
+# EBDA and the BIOS area 0xe0000-0xfffff on 16-byte boundaries; kasou also passes its address
+# in boot_params.acpi_rsdp_addr. The tables follow the RSDP in the same reserved area.
+ACPI_START = 0xE0000
+ACPI_SIZE = 0x20000
 HIMEM = 0x100000  # 1 MiB: the kernel and everything not above goes at or above this
 
 BOOT_AREAS: tuple[tuple[str, int, int], ...] = (
@@ -119,8 +133,10 @@ BOOT_AREAS: tuple[tuple[str, int, int], ...] = (
     ("zero page", ZERO_PAGE, ZERO_PAGE_SIZE),
     ("boot stack", BOOT_STACK & ~(_PAGE - 1), _PAGE),
     ("page tables", PAGE_TABLES, PAGE_TABLES_SIZE),
+    ("multiboot info", MULTIBOOT_INFO, MULTIBOOT_INFO_SIZE),
     ("command line", CMDLINE, CMDLINE_SIZE),
     ("mp table", MPTABLE, MPTABLE_SIZE),
+    ("acpi tables", ACPI_START, ACPI_SIZE),
 )
 
 # The 32-bit MMIO hole: no RAM here, devices only.
@@ -147,10 +163,11 @@ IRQ_I8042 = 1
 IRQ_COM2 = 3
 IRQ_COM1 = 4
 IRQ_RTC = 8
-# Lines free for virtio-mmio devices: the IOAPIC pins not used by a legacy device (12 is the
-# PS/2 mouse on a PC, left alone).
+IRQ_SCI = 9  # the ACPI system control interrupt, level-triggered (acpi.py's MADT override)
+# Lines free for virtio-mmio devices: the IOAPIC pins not used by a legacy device or the SCI
+# (12 is the PS/2 mouse on a PC, left alone).
 VIRTIO_IRQS: tuple[int, ...] = tuple(
-    irq for irq in range(5, IOAPIC_PINS) if irq not in (IRQ_RTC, 12)
+    irq for irq in range(5, IOAPIC_PINS) if irq not in (IRQ_RTC, IRQ_SCI, 12)
 )
 
 # e820 address range types (ACPI spec, "Address Range Types"; asm/e820/types.h). The same numbers
@@ -198,7 +215,8 @@ def e820_map(ram: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """The e820 memory map ``(address, size, type)`` for RAM regions from ``ram_layout``.
 
     The region at 0 is split: RAM up to the EBDA, reserved from the EBDA to 1 MiB (where a PC
-    has its EBDA, video memory and BIOS ROMs, and kasou its MP table), RAM from 1 MiB on.
+    has its EBDA, video memory and BIOS ROMs, and kasou its MP table and ACPI tables), RAM from
+    1 MiB on.
     """
     entries: list[tuple[int, int, int]] = []
     for address, size in sorted(ram):

@@ -28,9 +28,9 @@
 #define STATUS_CHECK_TSC (1ULL << 22)
 
 /* kasou's interrupt lines for virtio-mmio slots 0, 1, ...: the IOAPIC pins
- * 5..23 less the RTC's 8 and the PS/2 mouse's 12
+ * 5..23 less the RTC's 8, the ACPI SCI's 9 and the PS/2 mouse's 12
  * (kasou.arch.x86_64.layout.VIRTIO_IRQS, each line its own pin). */
-static const uint8_t kasou_virtio_pins[] = { 5,	 6,  7,  9,  10, 11, 13, 14, 15,
+static const uint8_t kasou_virtio_pins[] = { 5,	 6,  7,  10, 11, 13, 14, 15,
 					     16, 17, 18, 19, 20, 21, 22, 23 };
 
 static inline void barrier(void)
