@@ -1,5 +1,5 @@
-"""Boot time of the default guest, kasou beside QEMU ``-M microvm`` (same kernel, initramfs
-and command line, same host). Run by ``make bench``; on a host whose KVM cannot boot Linux,
+"""Boot time of the default guest, kasou beside QEMU ``-M microvm,acpi=on`` (same kernel,
+initramfs and command line, same host; both describe the machine to the guest through ACPI). Run by ``make bench``; on a host whose KVM cannot boot Linux,
 ``bench/run.py`` runs this inside ``kasou nested``.
 
 Two figures, each the median of ``--runs`` boots of each VMM:
@@ -56,7 +56,7 @@ def qemu_command(scratch: Path, vcpus: int, agent: Path) -> list[str]:
     return [
         QEMU,
         "-M",
-        "microvm,rtc=on",
+        "microvm,acpi=on,rtc=on",
         "-enable-kvm",
         "-cpu",
         "host",

@@ -21,7 +21,11 @@ Sections (issue: core VMM):
 - virtio-guest: the default Linux guest on virtio, kasou beside QEMU -M microvm with
   user-space virtio: dd and random-read IOPS on a second disk, TCP through a TAP both ways,
   and the exec round trip over vsock and COM2 (bench/virtio_guest.py), where Linux boots, as
-  for boot.
+  for boot;
+- distro: Debian 12 as users bring it (the image `kasou image build --distro debian-12`
+  makes), kasou `run --image` beside QEMU -M microvm,acpi=on with the same kernel, initramfs
+  and disk: process start to systemd's multi-user target (bench/distro_boot.py), where
+  Linux boots, as for boot.
 """
 
 from __future__ import annotations
@@ -158,11 +162,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--only",
-        choices=("exits", "start", "memory", "boot", "virtio-blk", "virtio-guest"),
+        choices=("exits", "start", "memory", "boot", "virtio-blk", "virtio-guest", "distro"),
         action="append",
     )
     parser.add_argument("--boot-runs", type=int, default=10)
     parser.add_argument("--virtio-repeats", type=int, default=3, help="virtio-guest transfers")
+    parser.add_argument("--distro-runs", type=int, default=3, help="Debian boots per VMM")
     args = parser.parse_args()
     with_qemu = shutil.which(qemu_peer.QEMU) is not None and qemu_peer.kvm_usable()
     if not with_qemu:
@@ -172,7 +177,9 @@ def main() -> int:
     from kasou.kvm.host import probe_host
 
     print(probe_host().backend.value)
-    sections = args.only or ["exits", "start", "memory", "virtio-blk", "boot", "virtio-guest"]
+    sections = args.only or [
+        "exits", "start", "memory", "virtio-blk", "boot", "virtio-guest", "distro"
+    ]  # fmt: skip
     if "exits" in sections:
         bench_exits(elf, args.count, args.repeats, with_qemu)
     if "start" in sections:
@@ -185,6 +192,8 @@ def main() -> int:
         bench_boot(args.boot_runs)
     if "virtio-guest" in sections:
         bench_virtio_guest(args.virtio_repeats)
+    if "distro" in sections:
+        bench_distro(args.distro_runs)
     return 0
 
 
@@ -196,6 +205,17 @@ def bench_boot(runs: int) -> None:
 def bench_virtio_guest(repeats: int) -> None:
     """bench/virtio_guest.py, where Linux boots: here, or inside the nested host."""
     _where_linux_boots("virtio-guest", "virtio_guest.py", ["--repeats", str(repeats)])
+
+
+def bench_distro(runs: int) -> None:
+    """bench/distro_boot.py (Debian 12 image), where Linux boots: here, or inside the nested
+    host. The image is built first, here: mmdebstrap needs Debian's mirror."""
+    subprocess.run(
+        [kasou_peer.KASOU, "image", "build", "--distro", "debian-12"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    _where_linux_boots("distro", "distro_boot.py", ["--runs", str(runs)])
 
 
 def _where_linux_boots(section: str, script: str, args: list[str]) -> None:

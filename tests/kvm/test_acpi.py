@@ -5,6 +5,7 @@ PM registers are driven through the PIO bus, the path a guest's in/out takes."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,30 @@ def test_the_power_button_holds_gsi_9_high_until_the_guest_clears_it(
 
     pio_write(vm, PM1_CNT, SLP_EN)  # S5 (SLP_TYP 0): the OS powers off
     assert booted.wait().kind is ExitKind.POWEROFF
+
+
+def _command_line(vm: Vm) -> str:
+    raw = vm.memory.read(layout.CMDLINE, 4096)
+    return raw.split(b"\0", 1)[0].decode()
+
+
+def test_virtio_devices_are_announced_on_the_command_line_only_where_asked(
+    boot: BootFactory, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    from kasou.vmm.config import DiskConfig
+
+    disks = (DiskConfig(disk),)
+    # a kernel kasou knows nothing about: the words, and the DSDT
+    booted = boot("wait", settings={"disks": disks})
+    assert "virtio_mmio.device=4K@0xd0000000:5" in _command_line(booted.vm)
+    booted.vm.stop()
+    # a kernel known to use ACPI (the default guest's, an image's): the DSDT alone, so no
+    # device is probed twice
+    booted = boot("wait", settings={"disks": disks, "virtio_cmdline": False})
+    assert "virtio_mmio.device" not in _command_line(booted.vm)
+    booted.vm.stop()
+    # without ACPI the command line is the only way: the words whatever was asked
+    booted = boot("wait", settings={"disks": disks, "virtio_cmdline": False, "acpi": False})
+    assert "virtio_mmio.device=4K@0xd0000000:5" in _command_line(booted.vm)

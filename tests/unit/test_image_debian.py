@@ -366,7 +366,9 @@ def test_the_root_has_the_agent_network_and_cloud_init_setup(built: DebianImage,
     assert "--timeout=" in fs.cat(
         "/etc/systemd/system/systemd-networkd-wait-online.service.d/kasou.conf"
     )
-    assert "datasource_list: [ NoCloud, ConfigDrive ]" in fs.cat("/etc/cloud/cloud.cfg.d/99_kasou.cfg")
+    assert "datasource_list: [ NoCloud, ConfigDrive ]" in fs.cat(
+        "/etc/cloud/cloud.cfg.d/99_kasou.cfg"
+    )
 
 
 @needs_build

@@ -103,15 +103,19 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
     # Built first: bad user-data is refused before the default guest is built or any
     # overlay is made.
     seed = _cloud_init_seed(str(cloud_init), scratch) if cloud_init else None
+    # The default guest's kernel and distribution kernels find virtio devices through ACPI.
+    known_acpi_kernel = False
     image = options.get("image")
     if image:
         # A disk image: the boot files read from it, the image as /dev/vda (through a
         # throw-away overlay unless --image-writable) and, as for the default guest, the
         # agent on vsock next to the control socket and an entropy device.
         writable = bool(options.get("image_writable"))
+        kernel_given = bool(kernel)
         boot = _image_boot(Path(str(image)), kernel, initrds, cmdline, writable, scratch)
         kernel, initrds, cmdline, root_disk = boot
         disks.insert(0, root_disk)
+        known_acpi_kernel = not kernel_given
         if vsock is None and api_sock is not None:
             vsock = VsockConfig(cid=3, uds=Path(f"{api_sock}.vsock"))
         rng = True
@@ -125,6 +129,7 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
         # next to the control socket, and an entropy device.
         guest = default_guest()
         kernel = guest.kernel
+        known_acpi_kernel = True
         if initrd:
             cmdline = cmdline or guest.cmdline
         else:
@@ -150,6 +155,7 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
         vsock=vsock,
         rng=rng,
         acpi=not options.get("no_acpi"),
+        virtio_cmdline=not known_acpi_kernel,
         balloon=bool(options.get("balloon")),
         virtio_console=virtio_console,
         debug_exit=debug_exit,

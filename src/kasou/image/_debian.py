@@ -5,9 +5,10 @@ What is in it: Debian 12 (bookworm, ``minbase`` plus ``GUEST_PACKAGES``) with sy
 init, Debian's stock cloud kernel and an initramfs made by initramfs-tools (virtio-mmio,
 virtio-pci and virtio-blk in it), systemd-networkd (DHCP on every Ethernet interface, a static
 address from ``ip=`` on the kernel command line through systemd-network-generator, or from a
-cloud-init network-config), cloud-init reading only a NoCloud seed, OpenSSH, and kasou's guest
-agent as a systemd service. The files kasou adds are in ``debian/rootfs/`` next to this module
-and the steps run inside the new root in ``debian/hooks.sh``; both say why in their comments.
+cloud-init network-config), cloud-init reading only local seeds (a NoCloud seed; off for a
+boot without one), OpenSSH, and kasou's guest agent as a systemd service. The files kasou adds
+are in ``debian/rootfs/`` next to this module and the steps run inside the new root in
+``debian/hooks.sh``; both say why in their comments.
 
 The disk (a qcow2 of ``DISK_SIZE`` virtual bytes; GPT laid out as in Debian's cloud images)::
 
@@ -44,9 +45,11 @@ if TYPE_CHECKING:
 __all__ = [
     "DISK_SIZE",
     "DISTRO",
+    "ESP",
     "GUEST_PACKAGES",
     "HOST_PACKAGES",
     "PARTITIONS",
+    "ROOT",
     "DebianImage",
     "Partition",
     "Recipe",
@@ -79,9 +82,6 @@ GUEST_PACKAGES = (
     "iproute2",
     "systemd-resolved",
     "zstd",
-    # Else apt picks usrmerge (and with it perl, 45 MB) for init-system-helpers' dependency on
-    # "usrmerge | usr-is-merged", although mmdebstrap has already merged /usr.
-    "usr-is-merged",
 )
 """What mmdebstrap installs on top of the minbase variant. dbus is for hostnamectl and
 networkctl (cloud-init sets the hostname through the first); e2fsprogs for fsck of the root at
@@ -100,6 +100,11 @@ DPKG_OPTIONS = (
     "path-include=/usr/share/locale/locale.alias",
 )
 
+# mmdebstrap's merged-/usr hooks: /usr merged as debootstrap does, and usr-is-merged installed
+# with the essential packages. Without them apt meets init-system-helpers' dependency on
+# "usrmerge | usr-is-merged" with usrmerge, which brings perl (45 MB) into the image.
+MERGED_USR_HOOKS = "/usr/share/mmdebstrap/hooks/merged-usr"
+
 HOST_PACKAGES = ("mmdebstrap", "fdisk", "dosfstools", "qemu-utils", "e2fsprogs", "gcc", "libc6-dev")
 """What the build runs on the host: mmdebstrap, sfdisk, mkfs.vfat, qemu-img, mke2fs, and the
 compiler for the agent."""
@@ -113,8 +118,8 @@ AGENT_PATH = "usr/local/sbin/kasou-agent"
 # Bump when the way the image is made changes in a way its inputs do not show.
 _RECIPE = "debian-1"
 
-# File times in the image (mmdebstrap and initramfs-tools clamp to it): 2023-06-10, Debian 12's
-# release.
+# SOURCE_DATE_EPOCH for mmdebstrap and what it runs (reproducible-builds.org's convention):
+# what honours it writes the same bytes from build to build. Debian 12's release, 2023-06-10.
 _SOURCE_DATE_EPOCH = "1686355200"
 
 SECTOR = 512
@@ -410,6 +415,7 @@ def _build(progress: Progress) -> DebianImage:
                 "--mode=root",
                 f"--variant={VARIANT}",
                 f"--include={','.join(GUEST_PACKAGES)}",
+                f"--hook-dir={MERGED_USR_HOOKS}",
                 *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
                 f"--essential-hook={hook % 'essential'}",
                 f"--customize-hook={hook % 'customize'}",

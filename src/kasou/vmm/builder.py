@@ -146,7 +146,8 @@ def build_vm(
         # On PVM a bzImage's own decompressor loops on page faults (shared/ENVIRONMENT.md):
         # boot the vmlinux inside it instead, as the 64-bit protocol allows for any vmlinux.
         plan = virtio_plan(config)
-        cmdline = _with_virtio_devices(config.cmdline, len(plan))
+        announced = len(plan) if config.virtio_cmdline or not config.acpi else 0
+        cmdline = _with_virtio_devices(config.cmdline, announced)
         tables = _acpi_config(config, len(plan), agent is not None) if config.acpi else None
         entry = _load_guest(
             config, memory, cmdline, extract=backend() is Backend.PVM, tables=tables

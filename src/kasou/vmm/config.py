@@ -293,6 +293,12 @@ class VmConfig:
     balloon: bool = False
     virtio_console: VirtioConsoleConfig | None = None
     acpi: bool = True  # ACPI tables (RSDP at 0xE0000); False leaves the MP table alone
+    # Announce the virtio-mmio devices with ``virtio_mmio.device=`` words on the kernel
+    # command line too, for kernels without ACPI (always, when ``acpi`` is off). A kernel
+    # with ACPI and VIRTIO_MMIO_CMDLINE_DEVICES would otherwise probe every device twice,
+    # the second probe failing with an error on the console: kasou turns the words off for
+    # the kernels it knows use ACPI (the default guest's, a disk image's).
+    virtio_cmdline: bool = True
     # --initrd given more than once: the files after the first (``initrd``). A Multiboot
     # kernel gets them all, in order, as modules; a Linux kernel takes one initrd.
     extra_initrds: tuple[Path, ...] = ()

@@ -107,6 +107,7 @@ class _Session:
         ending = vm.wait(wait)
         result = {
             **pressed,
+            "state": vm.state.value,
             "ending": None
             if ending is None
             else {"kind": ending.kind.value, "reason": ending.reason},
