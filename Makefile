@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBS := gcc make binutils qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs flex bison bc \
 	libelf-dev libssl-dev linux-libc-dev linux-source-6.1 util-linux xz-utils iproute2 \
-	genisoimage cloud-image-utils
+	genisoimage cloud-image-utils acpica-tools fdisk dosfstools mmdebstrap
 
 .PHONY: all setup deps test lint typecheck layers unit kvm e2e bench demo clean
 

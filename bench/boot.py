@@ -1,5 +1,6 @@
 """Boot time of the default guest, kasou beside QEMU ``-M microvm,acpi=on`` (same kernel,
-initramfs and command line, same host; both describe the machine to the guest through ACPI). Run by ``make bench``; on a host whose KVM cannot boot Linux,
+initramfs and command line, same host; both describe the machine to the guest through ACPI).
+Run by ``make bench``; on a host whose KVM cannot boot Linux,
 ``bench/run.py`` runs this inside ``kasou nested``.
 
 Two figures, each the median of ``--runs`` boots of each VMM:

@@ -83,7 +83,7 @@ def test_an_image_boots_its_kernel_initrd_and_root_behind_an_overlay(
 
     assert config.kernel.read_bytes() == KERNEL
     assert config.initrd is not None and config.initrd.read_bytes() == INITRD
-    assert config.cmdline == f"{DEFAULT_CMDLINE} root=UUID={ROOT_UUID} ro"
+    assert config.cmdline == f"{DEFAULT_CMDLINE} quiet root=UUID={ROOT_UUID} ro"
     root = config.disks[0]
     assert root.path.parent in made and root.path.parent.parent == scratch
     assert backing_of(root.path) == (os.path.abspath(image), "raw")

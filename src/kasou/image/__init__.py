@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kasou.image._cache import cache_dir
-from kasou.image._debian import DebianImage, debian_image
 from kasou.image._errors import ImageBuildError
 from kasou.image._progress import Progress
 
 if TYPE_CHECKING:  # the builders themselves are imported when first needed
     from kasou.image import _kernel, _userland
+    from kasou.image._debian import DebianImage
 
 __all__ = [
     "CMDLINE",
@@ -99,6 +99,23 @@ def build(force: bool = False, progress: Progress | None = None) -> DefaultGuest
     """Build the default guest into the cache: only what is missing or out of date, or all of
     it with ``force``. Raises ImageBuildError if a step fails (with its log's tail and path)."""
     return _build(force=force, progress=progress)
+
+
+def debian_image(build: bool = True, progress: Progress | None = None) -> DebianImage:
+    """The cached Debian 12 image, built first if it is missing or out of date and ``build``
+    is true; otherwise ``ImageBuildError`` says what to run. (Imported when first needed:
+    ``kasou.image`` is on the start path of every default-guest boot.)"""
+    from kasou.image import _debian
+
+    return _debian.debian_image(build, progress)
+
+
+def __getattr__(name: str) -> object:
+    if name == "DebianImage":
+        from kasou.image._debian import DebianImage
+
+        return DebianImage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_debian(force: bool = False, progress: Progress | None = None) -> DebianImage:
