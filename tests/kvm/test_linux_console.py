@@ -25,8 +25,10 @@ def default_guest():  # type: ignore[no-untyped-def]
         pytest.skip(f"{error} (make test builds it before this tier)")
 
 
-@pytest.mark.parametrize("image", ["kernel", "bzimage"])
-def test_linux_prints_its_boot_log_on_com1(default_guest, image: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("image", "acpi"), [("kernel", True), ("bzimage", True), ("kernel", False)]
+)
+def test_linux_prints_its_boot_log_on_com1(default_guest, image: str, acpi: bool) -> None:  # type: ignore[no-untyped-def]
     console = ConsoleCapture()
     config = VmConfig(
         kernel=getattr(default_guest, image),
@@ -34,6 +36,7 @@ def test_linux_prints_its_boot_log_on_com1(default_guest, image: str) -> None:  
         cmdline="console=ttyS0 reboot=k panic=-1 nopv",
         memory=256 << 20,
         console=ConsoleConfig("none"),
+        acpi=acpi,
     )
     vm = build_vm(config, console_output=console.write)
     try:
@@ -41,7 +44,11 @@ def test_linux_prints_its_boot_log_on_com1(default_guest, image: str) -> None:  
         text = console.wait_for("Command line: console=ttyS0", timeout=120)
         assert "Linux version 6.1" in text
         console.wait_for("BIOS-provided physical RAM map", timeout=120)
-        assert "MPTABLE: OEM ID: KASOU" in console.wait_for("Processors: 1", timeout=120)
+        if acpi:  # the kernel prefers ACPI's MADT to the MP table when both are there
+            text = console.wait_for("ACPI: Using ACPI (MADT) for SMP configuration", timeout=120)
+            assert "ACPI: RSDP 0x00000000000E0000 000024 (v02 KASOU )" in text
+        else:
+            assert "MPTABLE: OEM ID: KASOU" in console.wait_for("Processors: 1", timeout=120)
     finally:
         vm.close()
 
