@@ -12,15 +12,17 @@ from kasou.memory import GuestMemory
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    loop = EventLoop("test-devices")
-    loop.start()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
 def memory() -> Iterator[GuestMemory]:
     memory = GuestMemory.create([(0, 64 << 20)])
     yield memory
     memory.close()
+
+
+@pytest.fixture
+def loop(memory: GuestMemory) -> Iterator[EventLoop]:
+    """Made after ``memory`` so that it stops first, as a VM's loops stop before its RAM is
+    unmapped: a handler still running on the loop may hold views of guest RAM."""
+    loop = EventLoop("test-devices")
+    loop.start()
+    yield loop
+    loop.stop()
