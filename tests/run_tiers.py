@@ -125,7 +125,7 @@ def main() -> int:
         # A nested host that hangs (QEMU TCG emulating AMD-V) is killed at the timeout (exit
         # 124) and the tier is run once more: that is the harness failing, not kasou; a
         # second hang fails the tier.
-        wrapper = [str(VENV / "kasou"), "nested", "--timeout", "1500"]
+        wrapper = [str(VENV / "kasou"), "nested", "--timeout", "2400"]
         result = run_pytest("e2e", ["tests/e2e"], wrapper=wrapper)
         if result.note == "pytest exited 124":
             print("\n=== the nested host hung; running the e2e tier once more", flush=True)
