@@ -93,7 +93,7 @@ def main() -> int:
     )
     print(f"   {'figure':<22} {'kasou':>9} {'QEMU microvm':>13} {'kasou/QEMU':>11}  definition")
     print(
-        f"   {'boot to multi-user':<22} {k:>8.1f}s {q:>12.1f}s {k / q:>10.2f}x  "
+        f"   {'boot to login prompt':<22} {k:>8.1f}s {q:>12.1f}s {k / q:>10.2f}x  "
         "process start -> 'login:' on COM1 (quiet)"
     )
     print(f"   samples: kasou {[round(s, 1) for s in kasou]}, QEMU {[round(s, 1) for s in qemu]}")
