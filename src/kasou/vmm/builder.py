@@ -530,16 +530,22 @@ def _segment(segment: gdt.Segment) -> b.KvmSegment:
     )
 
 
-def _set_boot_registers(fd: VcpuFd, entry: int) -> None:
-    """The boot CPU as the 64-bit boot protocol wants it: long mode, identity-mapped,
-    flat segments, interrupts off, RSI = boot_params (Documentation/arch/x86/boot.rst)."""
-    sregs = fd.get_sregs()
-    code, data, tss = (_segment(segment) for segment in gdt.boot_segments())
+def _flat_segments(sregs: b.KvmSregs, segments: Sequence[gdt.Segment]) -> None:
+    """Code, data and TSS from kasou's boot GDT (flat, as both boot protocols want), the
+    GDT itself, and an empty IDT."""
+    code, data, tss = (_segment(segment) for segment in segments)
     sregs.cs = code
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
     sregs.tr = tss
     sregs.gdt.base, sregs.gdt.limit = gdt.GDT_ADDRESS, gdt.GDT_LIMIT
     sregs.idt.base, sregs.idt.limit = layout.IDT, 0
+
+
+def _set_boot_registers(fd: VcpuFd, entry: int) -> None:
+    """The boot CPU as the 64-bit boot protocol wants it: long mode, identity-mapped,
+    flat segments, interrupts off, RSI = boot_params (Documentation/arch/x86/boot.rst)."""
+    sregs = fd.get_sregs()
+    _flat_segments(sregs, gdt.boot_segments())
     sregs.cr3 = paging.PML4_ADDRESS
     sregs.cr4 |= paging.LONG_MODE_CR4
     sregs.cr0 |= paging.LONG_MODE_CR0
@@ -557,12 +563,7 @@ def _set_multiboot_registers(fd: VcpuFd, entry: MultibootEntry) -> None:
     loader magic, EBX the information. A20 is always on under KVM. The spec leaves ESP to the
     kernel; kasou's boot stack is there anyway."""
     sregs = fd.get_sregs()
-    code, data, tss = (_segment(segment) for segment in gdt.protected_mode_segments())
-    sregs.cs = code
-    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.tr = tss
-    sregs.gdt.base, sregs.gdt.limit = gdt.GDT_ADDRESS, gdt.GDT_LIMIT
-    sregs.idt.base, sregs.idt.limit = layout.IDT, 0
+    _flat_segments(sregs, gdt.protected_mode_segments())
     sregs.cr0 = paging.CR0_PE | paging.CR0_ET
     sregs.cr3 = sregs.cr4 = sregs.efer = 0
     fd.set_sregs(sregs)
