@@ -108,12 +108,15 @@ def acpiexec(directory: Path, tables: Sequence[tuple[str, bytes]], commands: str
     lines = (result.stdout + result.stderr).splitlines()
     assert result.returncode == 0, "\n".join(lines)
     # "Unexpected ... (aetests-N)" lines are acpiexec's own self-test poking at hardware the
-    # tables do not have (GPE blocks, PM2_CNT); they are not about the tables.
+    # tables do not have (GPE blocks, PM2_CNT); they are not about the tables. The same
+    # self-test installs a level-triggered handler on GPE 0, which ACPICA answers with "GPE
+    # type mismatch (level/edge)" when the tables give GPE 0 an edge method (_E00).
     complaints = [
         line
         for line in lines
         if re.search(r"Firmware (Warning|Error)|ACPI (Warning|Error|Exception)", line)
         and "aetests-" not in line
+        and "GPE type mismatch (level/edge)" not in line
     ]
     assert not complaints, "\n".join(complaints)
     return lines

@@ -6,7 +6,8 @@ field by field (§5.2.5.3 to §5.2.12) and the DSDT's AML (chapter 20, resource 
 with a reader written here from the spec. Debian's acpica-tools are the outside oracle:
 ``iasl -d`` must disassemble every table without a complaint, its DSDT disassembly must
 compile back to the same bytes, and ``acpiexec`` must load the set and evaluate the devices'
-resources as the kernel's ACPICA would.
+resources as the kernel's ACPICA would, including the VM generation ID device's ids and
+address and the GPE method that notifies it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kasou.arch.x86_64 import layout
-from kasou.arch.x86_64.acpi import MAX_VCPUS, AcpiConfig, build_acpi_tables, write_acpi_tables
+from kasou.arch.x86_64.acpi import (
+    MAX_VCPUS,
+    AcpiConfig,
+    build_acpi_tables,
+    read_generation_id,
+    write_acpi_tables,
+    write_generation_id,
+)
 from kasou.errors import ConfigError
 from kasou.memory import GuestMemory
 
@@ -165,7 +173,7 @@ def parse_madt(table: bytes) -> Madt:
 # An AML reader for the subset a static DSDT uses (ACPI 6.5 §20.2).
 
 DEVICE = "Device"
-Value = int | str | bytes | list["Value"]
+Value = int | str | bytes | list["Value"] | tuple[str, int, bytes]
 
 
 def pkg_length(data: bytes, offset: int) -> tuple[int, int]:
@@ -254,6 +262,14 @@ def term_list(data: bytes, offset: int, end: int, scope: str, out: dict[str, Val
             full = resolve(scope, path)
             assert full not in out
             out[full], offset = data_object(data, inner)
+        elif op == 0x14:  # Method: PkgLength, NameString, MethodFlags, TermList
+            length, inner = pkg_length(data, offset + 1)
+            path, inner = name_path(data, inner)
+            full = resolve(scope, path)
+            assert full not in out
+            end_of_method = offset + 1 + length
+            out[full] = ("Method", data[inner], data[inner + 1 : end_of_method])
+            offset = end_of_method
         else:
             raise AssertionError(f"unexpected opcode {op:#x} at {offset}")
     assert offset == end
@@ -311,6 +327,12 @@ def eisa(pnp_id: str) -> int:
     return first | second << 8 | int(pnp_id[3:5], 16) << 16 | int(pnp_id[5:7], 16) << 24
 
 
+# \\_SB.VGEN and \\_GPE._E00, spelled out from the spec (§20.2.5.2, §20.2.5.3): MethodFlags 0
+# (no arguments, not serialized); NotifyOp 0x86, the root-anchored dual name \\_SB_.VGEN and
+# the value 0x80 as a ByteConst.
+NOTIFY_VGEN_0X80 = b"\x86" + b"\\" + b"\x2e" + b"_SB_VGEN" + b"\x0a\x80"
+
+
 def expected_namespace(config: AcpiConfig) -> dict[str, object]:
     expected: dict[str, object] = {"\\_S5_": [0, 0, 0, 0]}
     for index, (port, irq) in enumerate(config.serial):
@@ -338,6 +360,13 @@ def expected_namespace(config: AcpiConfig) -> dict[str, object]:
         expected[f"{device}._UID"] = index
         # Interrupt flags: consumer (bit 0) and edge (bit 1); active high, exclusive.
         expected[f"{device}._CRS"] = [("Memory32Fixed", 1, base, size), ("Interrupt", 3, [gsi])]
+    if config.vmgenid:
+        expected["\\_SB_.VGEN"] = DEVICE
+        expected["\\_SB_.VGEN._HID"] = "KASO0001"
+        expected["\\_SB_.VGEN._CID"] = "VM_Gen_Counter"
+        expected["\\_SB_.VGEN._DDN"] = "VM_Gen_Counter"
+        expected["\\_SB_.VGEN.ADDR"] = [layout.VMGENID_ADDRESS & 0xFFFF_FFFF, 0]
+        expected["\\_GPE._E00"] = ("Method", 0, NOTIFY_VGEN_0X80)
     return expected
 
 
@@ -401,9 +430,11 @@ def test_fadt_describes_the_pm_registers_sci_and_flags() -> None:
     assert fadt[52:56] == bytes(4)  # ACPI_ENABLE, ACPI_DISABLE, S4BIOS_REQ, PSTATE_CNT
     blocks = struct.unpack_from("<8I", fadt, 56)
     # PM1a_EVT, PM1b_EVT, PM1a_CNT, PM1b_CNT, PM2_CNT, PM_TMR, GPE0, GPE1
-    assert blocks == (0x600, 0, 0x604, 0, 0, 0x608, 0, 0)
+    assert blocks == (0x600, 0, 0x604, 0, 0, 0x608, 0x60C, 0)
     lengths = struct.unpack_from("<8B", fadt, 88)
-    assert lengths == (4, 2, 0, 4, 0, 0, 0, 0)
+    # PM1_EVT_LEN, PM1_CNT_LEN, PM2_CNT_LEN, PM_TMR_LEN, GPE0_BLK_LEN, GPE1_BLK_LEN,
+    # GPE1_BASE, CST_CNT: GPE0 is one status and one enable byte (GPEs 0-7).
+    assert lengths == (4, 2, 0, 4, 2, 0, 0, 0)
     p_lvl2, p_lvl3 = struct.unpack_from("<HH", fadt, 96)
     assert p_lvl2 > 100 and p_lvl3 > 1000  # no C2, no C3
     assert fadt[108] == 0x32  # CENTURY: the RTC's century byte
@@ -421,6 +452,7 @@ def test_fadt_describes_the_pm_registers_sci_and_flags() -> None:
     assert gas.pop(148) == (1, 32, 0, 2, 0x600)  # system I/O, 32 bits, word access
     assert gas.pop(172) == (1, 16, 0, 2, 0x604)
     assert gas.pop(208) == (1, 32, 0, 3, 0x608)  # dword access
+    assert gas.pop(220) == (1, 16, 0, 1, 0x60C)  # X_GPE0_BLK: 16 bits, byte access
     assert all(value == (0, 0, 0, 0, 0) for value in gas.values())
     assert fadt[268:276] == b"KASOU   "
 
@@ -433,15 +465,19 @@ def test_fadt_and_dsdt_follow_the_config() -> None:
         pm1a_event=0xB000,
         pm1a_control=0xB004,
         pm_timer=0xB008,
+        gpe0_block=0xB010,
         sci_irq=10,
         i8042=False,
         rtc=False,
+        vmgenid=False,
     )
     tables = load(config)
     check_consistent(config, tables)
     fadt = tables.table(b"FACP")
     assert struct.unpack_from("<H", fadt, 46) == (10,)
-    assert struct.unpack_from("<8I", fadt, 56) == (0xB000, 0, 0xB004, 0, 0, 0xB008, 0, 0)
+    assert struct.unpack_from("<8I", fadt, 56) == (0xB000, 0, 0xB004, 0, 0, 0xB008, 0xB010, 0)
+    # The GPE0 block is hardware and stays; only the device and its GPE method go.
+    assert struct.unpack_from("<BBBBQ", fadt, 220) == (1, 16, 0, 1, 0xB010)
     assert fadt[108] == 0  # no century byte
     assert struct.unpack_from("<H", fadt, 109) == (0b100101,)  # no 8042, CMOS RTC not present
     assert decoded_namespace(tables) == {"\\_S5_": [0, 0, 0, 0]}
@@ -479,8 +515,8 @@ def test_dsdt_describes_com_ports_legacy_devices_virtio_slots_and_s5() -> None:
 
 
 def test_layout_reserves_the_area_and_keeps_the_sci_off_virtio_lines() -> None:
-    assert ("acpi tables", 0xE0000, 0x20000) in layout.BOOT_AREAS
-    assert (layout.ACPI_START, layout.ACPI_SIZE, layout.IRQ_SCI) == (0xE0000, 0x20000, 9)
+    assert ("acpi tables", 0xE0000, 0x1F000) in layout.BOOT_AREAS
+    assert (layout.ACPI_START, layout.ACPI_SIZE, layout.IRQ_SCI) == (0xE0000, 0x1F000, 9)
     assert layout.IRQ_SCI not in layout.VIRTIO_IRQS
     assert AcpiConfig(1, [], []).sci_irq == layout.IRQ_SCI
     # The whole area is e820-reserved in every guest, so the OS leaves the tables alone.
@@ -490,6 +526,67 @@ def test_layout_reserves_the_area_and_keeps_the_sci_off_virtio_lines() -> None:
         if kind == layout.E820_RESERVED
     ]
     assert any(start <= START and start + size >= END for start, size in reserved)
+
+
+# --- The VM generation ID ----------------------------------------------------------------
+
+
+def generation_id_address(tables: Tables) -> int:
+    """Where Linux's vmgenid_add looks: ADDR's low and high 32 bits."""
+    package = namespace(tables.table(b"DSDT"))["\\_SB_.VGEN.ADDR"]
+    assert isinstance(package, list) and len(package) == 2
+    low, high = package
+    assert isinstance(low, int) and isinstance(high, int)
+    assert low <= 0xFFFF_FFFF and high <= 0xFFFF_FFFF
+    return high << 32 | low
+
+
+@pytest.mark.parametrize("memory", [layout.MIN_MEMORY, 5 << 30])
+def test_the_generation_id_sits_in_reserved_memory_the_os_leaves_alone(memory: int) -> None:
+    config = typical()
+    address = generation_id_address(load(config))
+    assert address == layout.VMGENID_ADDRESS
+    # The paper's rules (QEMU's docs/specs/vmgenid.rst R1a-R1d): 8-byte aligned, in guest
+    # RAM, apart from what the OS uses, covered by no e820 RAM (or ACPI) entry.
+    assert address % 8 == 0
+    e820 = layout.e820_map(layout.ram_layout(memory))
+    covering = [kind for start, size, kind in e820 if start <= address < start + size]
+    assert covering == [layout.E820_RESERVED]
+    ram = layout.ram_layout(memory)
+    assert any(start <= address and address + 16 <= start + size for start, size in ram)
+    # Past every table kasou writes, on a page of its own among the boot areas.
+    assert START + len(build_acpi_tables(config)) <= address
+    assert ("vm generation id", address, 0x1000) in layout.BOOT_AREAS
+
+
+def test_write_generation_id_puts_16_bytes_where_addr_points() -> None:
+    memory = GuestMemory.create([(0, 1 << 20)])
+    try:
+        config = typical()
+        write_acpi_tables(memory, config)
+        tables = find_tables(memory)
+        address = generation_id_address(tables)
+        first, second = bytes(range(16)), bytes(range(0xF0, 0x100))
+        write_generation_id(memory, first)
+        assert memory.read(address, 16) == first == read_generation_id(memory)
+        write_generation_id(memory, second)
+        assert memory.read(address, 16) == second
+        # The tables are untouched, byte for byte.
+        image = build_acpi_tables(config)
+        assert memory.read(START, len(image)) == image
+        for size in (0, 15, 17, 32):
+            with pytest.raises(ValueError, match="16 bytes"):
+                write_generation_id(memory, bytes(size))
+        assert read_generation_id(memory) == second
+    finally:
+        memory.close()
+
+
+def test_without_the_generation_id_no_device_and_no_gpe_method() -> None:
+    config = typical()._replace(vmgenid=False)
+    space = decoded_namespace(load(config))
+    assert space == expected_namespace(config)
+    assert not any("VGEN" in path or "_GPE" in path for path in space)
 
 
 # --- What cannot be described ------------------------------------------------------------
@@ -524,6 +621,9 @@ def test_layout_reserves_the_area_and_keeps_the_sci_off_virtio_lines() -> None:
         ({"pm1a_control": 0x602}, "acpi", "overlaps"),
         ({"pm_timer": 0x3FC}, "acpi", "overlaps"),
         ({"pm1a_event": 0x62}, "acpi", "overlaps"),
+        ({"gpe0_block": 0}, "acpi", "GPE0_BLK"),
+        ({"gpe0_block": 0xFFFF}, "acpi", "GPE0_BLK"),
+        ({"gpe0_block": 0x60B}, "acpi", "PM_TMR_BLK at 0x608+0x4 overlaps GPE0_BLK"),
     ],
 )
 def test_configs_the_tables_cannot_describe(
@@ -565,15 +665,21 @@ def test_tables_must_stay_below_4_gib() -> None:
     irqs=st.permutations(layout.VIRTIO_IRQS),
     serial=st.sampled_from([[], [COM1], [COM1, COM2]]),
     legacy=st.booleans(),
+    vmgenid=st.booleans(),
 )
 def test_any_config_reads_back_consistently_and_fits(
-    vcpus: int, slots: list[int], irqs: list[int], serial: list[tuple[int, int]], legacy: bool
+    vcpus: int,
+    slots: list[int],
+    irqs: list[int],
+    serial: list[tuple[int, int]],
+    legacy: bool,
+    vmgenid: bool,
 ) -> None:
     virtio = [
         (layout.virtio_mmio_address(slot), layout.VIRTIO_MMIO_SIZE, irq)
         for slot, irq in zip(slots, irqs, strict=False)
     ]
-    config = AcpiConfig(vcpus, serial, virtio, i8042=legacy, rtc=legacy)
+    config = AcpiConfig(vcpus, serial, virtio, i8042=legacy, rtc=legacy, vmgenid=vmgenid)
     assert len(build_acpi_tables(config)) <= layout.ACPI_SIZE
     check_consistent(config, load(config))
 
@@ -621,6 +727,12 @@ def test_iasl_disassembles_every_table_without_complaint(vcpus: int, tmp_path: P
         "PM1A Event Block Address : 00000600",
         "PM1A Control Block Address : 00000604",
         "PM Timer Block Address : 00000608",
+        "GPE0 Block Address : 0000060C",
+        "GPE0 Block Length : 02",
+        "GPE1 Block Address : 00000000",
+        "GPE0 Block : [Generic Address Structure] Space ID : 01 [SystemIO] Bit Width : 10 "
+        "Bit Offset : 00 Encoded Access Width : 01 [Byte Access:8] "
+        "Address : 000000000000060C",
         "8042 Present on ports 60/64 (V2) : 1",
         "VGA Not Present (V4) : 1",
         "Control Method Power Button (V1) : 0",
@@ -662,6 +774,14 @@ def test_iasl_round_trips_the_dsdt(tmp_path: Path) -> None:
             f"{{ 0x{gsi:08X}, }} }}) }}"
         ) in source.replace(f"Name (_UID, {_asl_integer(index)}) ", "")
     assert "Name (\\_S5, Package (0x04) { Zero, Zero, Zero, Zero })" in source
+    assert (
+        'Device (VGEN) { Name (_HID, "KASO0001") Name (_CID, "VM_Gen_Counter") '
+        'Name (_DDN, "VM_Gen_Counter") Name (ADDR, Package (0x02) { 0x000FF000, Zero }) }'
+    ) in source
+    assert (
+        "Scope (\\_GPE) { Method (_E00, 0, NotSerialized) { Notify (\\_SB.VGEN, 0x80) } }"
+    ) in source
+    # iasl checks _HID strings: a vendor prefix and four hex digits (ACPI 6.5 §6.1.5).
     assert iasl_compile(tmp_path, "dsdt.dsl", "recompiled")[36:] == dsdt[36:]
 
 
@@ -687,5 +807,30 @@ def test_acpica_loads_the_tables_and_reads_the_devices_resources(tmp_path: Path)
     assert "Address : D0001000 Address Length : 00001000" in text
     assert "Triggering : Edge Polarity : ActiveHigh Sharing : Exclusive" in text
     assert f"Dword00 : {layout.VIRTIO_IRQS[1]:08X}" in text
-    for device in ("COM1", "COM2", "PS2K", "RTC_", "VR00", "VR01"):
+    for device in ("COM1", "COM2", "PS2K", "RTC_", "VR00", "VR01", "VGEN"):
         assert any(f" {device} Device " in line for line in lines)
+    # The FADT's GPE0 block: eight GPEs on the SCI.
+    assert "Initialized GPE 00 to 07 [_GPE] 1 regs on interrupt 0x9 (SCI)" in text
+
+
+@needs_acpica
+def test_acpica_finds_the_generation_id_device_as_linux_matches_it(tmp_path: Path) -> None:
+    files = table_files(typical())
+    commands = "; ".join(
+        [
+            "evaluate \\_SB.VGEN._HID",
+            "evaluate \\_SB.VGEN._CID",
+            "evaluate \\_SB.VGEN.ADDR",
+            "evaluate \\_GPE._E00",
+        ]
+    )
+    lines = acpiexec(tmp_path, [(n, files[n]) for n in ("facp", "dsdt", "apic")], commands)
+    text = " ".join(" ".join(lines).split())
+    assert '[String] Length 08 = "KASO0001"' in text
+    # ACPICA upper-cases string _CIDs as it returns them (nsrepair2.c): the driver sees one
+    # of the ids of Linux 6.1's drivers/virt/vmgenid.c ("VMGENCTR", "VM_GEN_COUNTER").
+    assert '[String] Length 0E = "VM_GEN_COUNTER"' in text
+    address = f"{layout.VMGENID_ADDRESS:016X}"
+    assert f"[Package] Contains 2 Elements: [Integer] = {address} [Integer] = {0:016X}" in text
+    # GPE 0's method notifies the device with 0x80, which the driver's notify handler gets.
+    assert "Received a Device Notify on [VGEN]" in text and "Value 0x80" in text

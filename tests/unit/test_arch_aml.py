@@ -153,6 +153,34 @@ def test_buffer_package_name_scope_device() -> None:
         aml.package(*[aml.integer(0)] * 256)
 
 
+def test_method_and_notify() -> None:
+    # §20.2.5.2: MethodOp 0x14, PkgLength, NameString, MethodFlags (ArgCount bits 2-0,
+    # SerializeFlag bit 3, SyncLevel bits 7-4), TermList.
+    assert aml.method("_E00") == b"\x14\x06_E00\x00"
+    assert aml.method("MTH1", b"\xaa", args=7, serialized=True, sync_level=15) == (
+        b"\x14\x07MTH1\xff\xaa"
+    )
+    # §20.2.5.3: NotifyOp 0x86, the SuperName, the value as a TermArg.
+    assert aml.notify("\\_SB.VGEN", 0x80) == b"\x86\\\x2e_SB_VGEN\x0a\x80"
+    assert aml.notify("DEV0", 1) == b"\x86DEV0\x01"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: aml.method("M", args=8),
+        lambda: aml.method("M", serialized=True, sync_level=16),
+        lambda: aml.method("M", sync_level=1),
+        lambda: aml.notify("DEV0", 0x100),
+        lambda: aml.notify("DEV0", -1),
+    ],
+)
+def test_methods_and_notifications_aml_cannot_hold(make: object) -> None:
+    assert callable(make)
+    with pytest.raises(ValueError):
+        make()
+
+
 def test_resource_descriptors() -> None:
     # §6.4.2.5: tag 0x47, Decode16, min, max, alignment, length.
     assert aml.io_port(0x3F8, 8) == b"\x47\x01\xf8\x03\xf8\x03\x01\x08"
@@ -232,6 +260,28 @@ def test_iasl_compiles_the_disassembly_back_to_the_same_bytes(tmp_path: Path) ->
         assert expected in source
     # The header differs only in the compiler's id and the checksum.
     assert iasl_compile(tmp_path, "dsdt.dsl", "recompiled")[36:] == table[36:]
+
+
+@needs_acpica
+def test_iasl_round_trips_gpe_methods_and_acpica_runs_them(tmp_path: Path) -> None:
+    body = aml.scope("\\_SB", aml.device("DEV0", aml.name("_HID", aml.string("KASO0001"))))
+    body += aml.scope(
+        "\\_GPE",
+        aml.method("_E00", aml.notify("\\_SB.DEV0", 0x80)),
+        aml.method("_L01", aml.notify("\\_SB.DEV0", 0x81), serialized=True, sync_level=2),
+        aml.method("MTH2", args=3),
+    )
+    table = definition_block(body)
+    source = disassemble(table, tmp_path, "dsdt")
+    for expected in (
+        "Method (_E00, 0, NotSerialized) { Notify (\\_SB.DEV0, 0x80) }",
+        "Method (_L01, 0, Serialized, 2) { Notify (\\_SB.DEV0, 0x81) }",
+        "Method (MTH2, 3, NotSerialized) { }",
+    ):
+        assert expected in source
+    assert iasl_compile(tmp_path, "dsdt.dsl", "recompiled")[36:] == table[36:]
+    lines = acpiexec(tmp_path, [("dsdt", table)], "evaluate \\_GPE._E00")
+    assert any("Device Notify on [DEV0]" in line and "Value 0x80" in line for line in lines)
 
 
 @needs_acpica

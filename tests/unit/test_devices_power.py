@@ -1,4 +1,5 @@
-"""The ACPI PM registers: the power button and its SCI, power-off, the PM timer, state."""
+"""The ACPI PM registers: the power button and its SCI, power-off, the PM timer, GPE 0 (the
+VM generation ID's event) and state."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from kasou.devices import DeviceStateError
 from kasou.devices.legacy import AcpiPm, AcpiPmState
+from kasou.persist import decode_state, encode_state
 
 # Offsets from 0x600 and bits as an ACPI OS knows them (ACPI 6.5 §4.8.3, Tables 4.16-4.18).
 PM1_STS, PM1_EN, PM1_CNT, PM_TMR = 0, 2, 4, 8
@@ -16,6 +18,9 @@ PWRBTN_STS = PWRBTN_EN = 1 << 8
 WAK_STS = 1 << 15
 SCI_EN, BM_RLD, GBL_RLS = 1 << 0, 1 << 1, 1 << 2
 SLP_EN = 1 << 13
+# The GPE0 block at 0x60c (ACPI 6.5 §4.8.4.1): one status byte, one enable byte; GPE 0 is bit 0.
+GPE0_STS, GPE0_EN = 12, 13
+GPE0 = 1 << 0
 
 
 def slp_typ(value: int) -> int:
@@ -73,6 +78,8 @@ def test_at_reset_nothing_is_pending_and_the_machine_is_in_acpi_mode() -> None:
     assert machine.read(PM1_EN, 2) == 0
     # No SMI_CMD: an OS finds SCI_EN set and never tries to switch modes.
     assert machine.read(PM1_CNT, 2) == SCI_EN
+    assert machine.read(GPE0_STS, 2) == 0
+    assert not machine.pm.generation_change_enabled
     assert machine.sci.levels == []
 
 
@@ -193,6 +200,92 @@ def test_other_sleep_types_do_not_power_off() -> None:
     assert machine.read(PM1_CNT, 2) & SLP_EN == 0  # SLP_EN is never stored
 
 
+def test_a_generation_change_raises_the_sci_until_the_guest_clears_gpe0() -> None:
+    machine = Machine()
+    machine.write(GPE0_EN, GPE0, size=1)
+    assert machine.pm.generation_change_enabled
+
+    assert machine.pm.notify_generation_change() is True
+    assert machine.read(GPE0_STS, 1) == GPE0
+    assert machine.sci.levels == [True]
+    # Reading does not clear, nor does writing 0.
+    machine.write(GPE0_STS, 0, size=1)
+    assert machine.read(GPE0_STS, 1) == GPE0
+    assert machine.sci.high
+
+    machine.write(GPE0_STS, GPE0, size=1)  # write 1 to clear
+    assert machine.read(GPE0_STS, 1) == 0
+    assert machine.sci.levels == [True, False]
+
+
+def test_a_generation_change_the_guest_did_not_enable_returns_false() -> None:
+    machine = Machine()
+    assert machine.pm.notify_generation_change() is False
+    assert machine.sci.levels == []
+    # The status latches, as a GPE's does: a guest that enables GPE 0 later hears of it.
+    assert machine.read(GPE0_STS, 1) == GPE0
+    machine.write(GPE0_EN, GPE0, size=1)
+    assert machine.sci.levels == [True]
+
+
+def test_acpica_boot_and_dispatch_of_an_edge_gpe() -> None:
+    machine = Machine()
+    machine.pm.notify_generation_change()  # before the guest's ACPI is up: latched only
+    # acpi_ev_create_gpe_info_blocks: disable every GPE, clear every status.
+    machine.write(GPE0_EN, 0x00, size=1)
+    machine.write(GPE0_STS, 0xFF, size=1)
+    assert machine.read(GPE0_STS, 2) == 0
+    # acpi_ev_initialize_gpe_block: _E00 exists, so GPE 0 is enabled (read-modify-write).
+    machine.write(GPE0_EN, machine.read(GPE0_EN, 1) | GPE0, size=1)
+    assert machine.sci.levels == []
+
+    assert machine.pm.notify_generation_change() is True
+    assert machine.sci.levels == [True]
+    # acpi_ev_gpe_dispatch: mask GPE 0, clear its status (edge), run _E00, unmask.
+    machine.write(GPE0_EN, machine.read(GPE0_EN, 1) & ~GPE0, size=1)
+    assert machine.sci.levels == [True, False]
+    machine.write(GPE0_STS, GPE0, size=1)
+    # A change while _E00 runs latches and comes in when ACPICA unmasks GPE 0.
+    assert machine.pm.notify_generation_change() is False
+    assert machine.sci.levels == [True, False]
+    machine.write(GPE0_EN, machine.read(GPE0_EN, 1) | GPE0, size=1)
+    assert machine.sci.levels == [True, False, True]
+    machine.write(GPE0_STS, GPE0, size=1)
+    assert machine.sci.levels == [True, False, True, False]
+
+
+def test_gpe0_enables_stick_and_only_gpe0_ever_has_status() -> None:
+    machine = Machine()
+    machine.write(GPE0_EN, 0xFF, size=1)
+    assert machine.read(GPE0_EN, 1) == 0xFF
+    assert not machine.sci.high  # enables alone raise nothing
+    machine.write(GPE0_STS, 0xFF, size=1)
+    assert machine.read(GPE0_STS, 1) == 0
+    machine.pm.notify_generation_change()
+    assert machine.read(GPE0_STS, 1) == GPE0
+    # One 16-bit access reads status then enable, and writes both.
+    assert machine.read(GPE0_STS, 2) == 0xFF << 8 | GPE0
+    machine.write(GPE0_STS, 0x00 << 8 | GPE0, size=2)
+    assert machine.read(GPE0_STS, 2) == 0
+    assert machine.sci.levels == [True, False]
+
+
+def test_the_sci_stays_high_while_either_event_is_pending() -> None:
+    machine = Machine()
+    machine.write(PM1_EN, PWRBTN_EN)
+    machine.write(GPE0_EN, GPE0, size=1)
+    machine.pm.press_power_button()
+    machine.pm.notify_generation_change()
+    assert machine.sci.levels == [True]
+    machine.write(PM1_STS, PWRBTN_STS)
+    assert machine.sci.levels == [True]  # GPE 0 still pending
+    machine.pm.press_power_button()
+    machine.write(GPE0_STS, GPE0, size=1)
+    assert machine.sci.levels == [True]  # the power button still pending
+    machine.write(PM1_STS, PWRBTN_STS)
+    assert machine.sci.levels == [True, False]
+
+
 def test_the_pm_timer_counts_at_3_579545_mhz() -> None:
     clock = Clock(now=10**9)
     machine = Machine(clock)
@@ -234,18 +327,22 @@ def test_the_gap_between_control_and_timer_reads_zero() -> None:
     assert machine.read(PM1_CNT, 2) == SCI_EN
 
 
-@pytest.mark.parametrize(("size", "offset"), list(itertools.product((1, 2, 4, 8), range(12))))
+@pytest.mark.parametrize(("size", "offset"), list(itertools.product((1, 2, 4, 8), range(14))))
 def test_any_access_inside_the_block_is_safe(size: int, offset: int) -> None:
     # The guest is untrusted: every width at every offset, including ones that run past the
     # end (the bus refuses those, but the device must not depend on it).
     machine = Machine()
     machine.write(PM1_EN, PWRBTN_EN)
+    machine.write(GPE0_EN, GPE0, size=1)
+    machine.pm.press_power_button()
+    machine.pm.notify_generation_change()
     data = bytearray(size)
     machine.pm.read(offset, memoryview(data))
     machine.pm.write(offset, memoryview(bytearray(b"\xff" * size)))
     machine.pm.read(offset, memoryview(data))
     # Whatever was written, the SCI follows the registers.
     pending = machine.read(PM1_STS, 2) & machine.read(PM1_EN, 2)
+    pending |= machine.read(GPE0_STS, 1) & machine.read(GPE0_EN, 1)
     assert machine.sci.high == bool(pending)
 
 
@@ -277,6 +374,40 @@ def test_state_round_trips_and_restore_raises_a_pending_sci() -> None:
     assert line.levels == [True, False]
 
 
+def test_gpe_state_round_trips_and_restore_raises_its_pending_sci() -> None:
+    machine = Machine()
+    machine.write(GPE0_EN, 0x81, size=1)
+    machine.pm.notify_generation_change()
+    state = machine.pm.save()
+    assert (state.gpe0_status, state.gpe0_enable) == (GPE0, 0x81)
+
+    line = Line()
+    restored = AcpiPm.restore(line, lambda: None, state, Clock())
+    assert restored.save() == state
+    assert line.levels == [True]
+    restored.write(GPE0_STS, memoryview(bytearray([GPE0])))
+    assert line.levels == [True, False]
+
+
+def test_states_saved_before_the_gpe_block_still_restore() -> None:
+    # A state encoded by a kasou whose AcpiPmState had three fields.
+    @dataclasses.dataclass(frozen=True)
+    class OlderAcpiPmState:
+        status: int
+        enable: int
+        control: int
+
+    data = encode_state(OlderAcpiPmState(status=PWRBTN_STS, enable=PWRBTN_EN, control=BM_RLD))
+    state = decode_state(data, AcpiPmState, what="pm")
+    assert state == AcpiPmState(
+        status=PWRBTN_STS, enable=PWRBTN_EN, control=BM_RLD, gpe0_status=0, gpe0_enable=0
+    )
+    line = Line()
+    restored = AcpiPm.restore(line, lambda: None, state, Clock())
+    assert line.levels == [True]  # the pending power button, as before
+    assert not restored.generation_change_enabled
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -287,6 +418,12 @@ def test_state_round_trips_and_restore_raises_a_pending_sci() -> None:
         {"control": SCI_EN},
         {"status": "256"},
         {"enable": True},
+        {"gpe0_status": 1 << 1},  # GPE 1 has no source
+        {"gpe0_status": -1},
+        {"gpe0_enable": 0x100},
+        {"gpe0_enable": -1},
+        {"gpe0_enable": True},
+        {"gpe0_status": None},
     ],
 )
 def test_restore_refuses_states_no_device_could_be_in(change: dict[str, object]) -> None:

@@ -34,6 +34,8 @@ STRUCTS = {
     "KvmMpState": "struct kvm_mp_state",
     "KvmLapicState": "struct kvm_lapic_state",
     "KvmIrqchip": "struct kvm_irqchip",
+    "KvmPicState": "struct kvm_pic_state",
+    "KvmIoapicState": "struct kvm_ioapic_state",
     "KvmPitState2": "struct kvm_pit_state2",
     "KvmClockData": "struct kvm_clock_data",
     "KvmVcpuEvents": "struct kvm_vcpu_events",
@@ -51,6 +53,7 @@ OFFSETS = {
     "RUN_IO_DIRECTION": "offsetof(struct kvm_run, io.direction)",
     "RUN_MMIO": "offsetof(struct kvm_run, mmio.phys_addr)",
     "RUN_MMIO_DATA": "offsetof(struct kvm_run, mmio.data)",
+    "VCPU_EVENTS_FLAGS": "offsetof(struct kvm_vcpu_events, flags)",
 }
 
 

@@ -2,9 +2,26 @@
 
 ``ioctl`` with errno and a real pointer argument (``fcntl.ioctl`` takes a C int and copies
 buffers), ``KVM_RUN``-style ioctls that return ``EINTR`` to the caller instead of retrying,
-and naming threads. Eventfds, epoll and signals come from ``os``, ``select`` and ``signal``.
+naming threads, punching holes in files (``fallocate``) and comparing memory in place
+(``memcmp``). Eventfds, epoll and signals come from ``os``, ``select`` and ``signal``.
 """
 
-from kasou._sys.libc import ioctl, ioctl_noretry, set_thread_name
+from kasou._sys.libc import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    fallocate,
+    ioctl,
+    ioctl_noretry,
+    memcmp,
+    set_thread_name,
+)
 
-__all__ = ["ioctl", "ioctl_noretry", "set_thread_name"]
+__all__ = [
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
+    "fallocate",
+    "ioctl",
+    "ioctl_noretry",
+    "memcmp",
+    "set_thread_name",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -128,6 +128,28 @@ def run(
             "USER-DATA or user-data=PATH[,meta-data=PATH][,network-config=PATH]."
         ),
     ] = None,
+    restore: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from a snapshot folder (kasou snapshot create) instead of booting; "
+            "--disk, --net, --vsock, --api-sock and --console replace what it saved."
+        ),
+    ] = None,
+    clone: Annotated[
+        bool,
+        typer.Option(
+            "--clone",
+            help="With --restore: a clone of the snapshot (its own overlay on every writable "
+            "disk, new MACs, and the guest told it was cloned through its VM generation ID).",
+        ),
+    ] = False,
+    incoming: Annotated[
+        str | None,
+        typer.Option(
+            help="Wait for a VM sent by `kasou migrate` on tcp://ADDR:PORT or unix:PATH, then "
+            "run it."
+        ),
+    ] = None,
 ) -> None:
     """Boot a guest and attach its serial console (Ctrl-A X quits).
 
@@ -156,6 +178,9 @@ def run(
             "virtio_console": virtio_console,
             "cloud_init": cloud_init,
             "debug_exit": debug_exit,
+            "restore": restore,
+            "clone": clone,
+            "incoming": incoming,
         }
     )
     raise typer.Exit(status)
@@ -355,6 +380,172 @@ def cp(
     except KasouError as error:
         _fail(error)
     raise typer.Exit(status)
+
+
+snapshot_app = typer.Typer(
+    help="Snapshots: save a running VM to a folder, fold diffs, inspect.", no_args_is_help=True
+)
+app.add_typer(snapshot_app, name="snapshot")
+
+
+@snapshot_app.command(
+    "create", epilog="Example: kasou snapshot create --sock /tmp/vm.sock /var/tmp/snap1"
+)
+def snapshot_create(
+    sock: SockOption,
+    path: Annotated[
+        Path, typer.Argument(help="The folder to write (an old snapshot there is replaced).")
+    ],
+    diff: Annotated[
+        bool,
+        typer.Option(
+            "--diff",
+            help="Only the pages written since this VM's previous snapshot (fold it into that "
+            "one with `kasou snapshot merge`).",
+        ),
+    ] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the VM once it is saved.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Pause the VM, write its state and memory to a folder, and resume it (or stop it).
+
+    Restore it with `kasou run --restore PATH`. Writing is atomic: if it fails the VM runs
+    on and any snapshot already at PATH is intact."""
+    from kasou.client import ControlClient
+    from kasou.errors import KasouError
+
+    try:
+        with ControlClient(sock, timeout=3600.0) as client:
+            result = client.request("snapshot", path=str(path.absolute()), diff=diff, stop=stop)
+    except KasouError as error:
+        _fail(error)
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(
+        f"{result['kind']} snapshot {result['path']}: {result['pages']} pages "
+        f"({result['bytes'] / 2**20:.1f} MiB) in {result['seconds']:.3f} s, VM paused "
+        f"{result['paused_seconds'] * 1000:.0f} ms, now {result['state']}"
+    )
+
+
+@snapshot_app.command(
+    "merge", epilog="Example: kasou snapshot merge /var/tmp/snap1 /var/tmp/snap1-diff1"
+)
+def snapshot_merge(
+    base: Annotated[Path, typer.Argument(help="The full snapshot to fold the diffs into.")],
+    diffs: Annotated[
+        list[Path], typer.Argument(help="Diff snapshots, in the order they were taken.")
+    ],
+) -> None:
+    """Fold diff snapshots into their full snapshot (replaced in one step at the end)."""
+    from kasou.errors import KasouError
+    from kasou.vmm.snapshot import merge_snapshots
+
+    try:
+        result = merge_snapshots(base, diffs)
+    except KasouError as error:
+        _fail(error)
+    typer.echo(
+        f"merged {result['diffs']} diff(s), {result['pages_merged']} pages, into {result['path']}"
+    )
+
+
+@snapshot_app.command("info", epilog="Example: kasou snapshot info /var/tmp/snap1")
+def snapshot_info(
+    path: Annotated[Path, typer.Argument(help="A snapshot folder.")],
+) -> None:
+    """Show what a snapshot holds (JSON)."""
+    from kasou.errors import KasouError
+    from kasou.vmm.snapshot import snapshot_info as info
+
+    try:
+        result = info(path)
+    except KasouError as error:
+        _fail(error)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command(epilog="Example: kasou migrate --sock /tmp/vm.sock tcp://127.0.0.1:4444")
+def migrate(
+    sock: SockOption,
+    url: Annotated[
+        str | None,
+        typer.Argument(help="Where `kasou run --incoming` listens: tcp://HOST:PORT or unix:PATH."),
+    ] = None,
+    downtime: Annotated[
+        float, typer.Option(help="The longest pause of the guest to aim for, in seconds.")
+    ] = 0.3,
+    cancel: Annotated[
+        bool, typer.Option("--cancel", help="Cancel the migration under way.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Send a running VM to another kasou while it runs (live migration).
+
+    Memory is copied while the guest runs, in rounds, until what is left fits the downtime
+    target; then the guest pauses, the rest and its devices' state go over, and it runs on
+    at the destination. A guest that dirties memory faster than the link carries is slowed
+    down (auto-converge). Ctrl-C cancels: the VM runs on here. Exits 0 once the VM runs at
+    the destination."""
+    from kasou.client import ControlClient
+    from kasou.errors import KasouError
+
+    try:
+        with ControlClient(sock) as client:
+            if cancel:
+                typer.echo(json.dumps(client.request("migrate-cancel"), indent=2))
+                return
+            if url is None:
+                _fail(ValueError("give the destination: tcp://HOST:PORT or unix:PATH"))
+            client.request("migrate", url=url, downtime=downtime)
+            result = _follow_migration(client, quiet=json_output)
+    except KasouError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        with ControlClient(sock) as client:
+            client.request("migrate-cancel")
+        typer.echo("kasou: migration cancelled; the VM runs on here", err=True)
+        raise typer.Exit(1) from None
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+    if result["phase"] != "completed":
+        typer.echo(f"kasou: migration {result['phase']}: {result['error']}", err=True)
+        raise typer.Exit(1)
+    if not json_output:
+        typer.echo(
+            f"migrated to {result['url']} in {result['seconds']:.2f} s: downtime "
+            f"{result['downtime'] * 1000:.0f} ms, {result['bytes_sent'] / 2**20:.1f} MiB sent "
+            f"in {result['round'] + 1} rounds"
+            + (f", throttled up to {result['throttle']:.0%}" if result["throttle"] else "")
+        )
+
+
+def _follow_migration(client: Any, quiet: bool) -> dict[str, Any]:
+    """Poll the migration's progress until it ends, with a progress bar unless ``quiet``."""
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    request = client.request
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    with Progress(*columns, transient=True, disable=quiet) as progress:
+        task = progress.add_task("connecting", total=None)
+        while True:
+            state: dict[str, Any] = request("migration")
+            if state["phase"] in ("completed", "failed", "cancelled"):
+                return state
+            throttle = float(state["throttle"])
+            progress.update(
+                task,
+                total=int(state["memory"]),
+                completed=int(state["pages_sent"]) * 4096,
+                description=f"{state['phase']} round {state['round']}, dirty "
+                f"{float(state['dirty_rate']) / 2**20:.0f} MiB/s, "
+                f"expected downtime {float(state['expected_downtime']) * 1000:.0f} ms"
+                + (f", throttle {throttle:.0%}" if throttle else ""),
+            )
+            time.sleep(0.1)
 
 
 image_app = typer.Typer(help="Guest images: the default guest, Debian 12.", no_args_is_help=True)

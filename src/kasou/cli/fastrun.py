@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kasou.cli.options import RUN_EXAMPLE, RUN_OPTIONS
 from kasou.errors import KasouError
+
+if TYPE_CHECKING:
+    from kasou.vmm.vcpu import GuestExit
 
 __all__ = ["parser", "run_command", "run_vm"]
 
@@ -58,10 +61,12 @@ def run_vm(options: dict[str, object]) -> int:
     """Build the config from parsed options, run the VM, map its end to an exit status."""
     scratch: list[Path] = []
     try:
-        config = _config(options, scratch)
         from kasou.vmm.runner import print_crash, run
 
-        ending = run(config)
+        if options.get("restore") or options.get("incoming"):
+            ending = _run_saved(options, scratch)
+        else:
+            ending = run(_config(options, scratch))
     except KasouError as error:
         sys.stderr.write(f"kasou: error: {error}\n")
         return 2
@@ -74,6 +79,64 @@ def run_vm(options: dict[str, object]) -> int:
     if ending.report is not None or ending.kind.status:
         print_crash(ending)
     return ending.status  # a debug exit's status is the guest's choice
+
+
+# What a restored or incoming VM keeps from its saved config unless given again.
+_SAVED_OPTIONS = ("disk", "net", "vsock", "api_sock", "console")
+# Options that describe a new VM, which a saved one already has.
+_BOOT_OPTIONS = (
+    "kernel",
+    "initrd",
+    "image",
+    "image_writable",
+    "cmdline",
+    "cloud_init",
+    "rng",
+    "no_acpi",
+    "balloon",
+    "virtio_console",
+    "debug_exit",
+)
+
+
+def _run_saved(options: dict[str, object], scratch: list[Path]) -> GuestExit:
+    """``--restore DIR`` or ``--incoming URL``: a VM saved by a snapshot or sent by a
+    migration, with the disks, interfaces and sockets given here replacing the saved ones."""
+    from kasou.errors import ConfigError
+    from kasou.vmm.config import parse_disk, parse_net, parse_vsock
+    from kasou.vmm.runner import run
+
+    given = [name for name in _BOOT_OPTIONS if options.get(name)]
+    if given:
+        flag = given[0].replace("_", "-")
+        raise ConfigError(
+            flag, f"--{flag} describes a new VM; a restored or incoming one has its own"
+        )
+    if options.get("clone") and not options.get("restore"):
+        raise ConfigError("clone", "--clone makes a clone of a snapshot: give --restore DIR too")
+    if options.get("restore") and options.get("incoming"):
+        raise ConfigError("incoming", "give --restore or --incoming, not both")
+    overrides: dict[str, Any] = {
+        "disks": [parse_disk(str(text)) for text in options["disk"]]  # type: ignore[attr-defined]
+        if options.get("disk")
+        else None,
+        "nets": [parse_net(str(text)) for text in options["net"]]  # type: ignore[attr-defined]
+        if options.get("net")
+        else None,
+        "vsock": parse_vsock(str(options["vsock"])) if options.get("vsock") else None,
+        "api_sock": Path(str(options["api_sock"])) if options.get("api_sock") else None,
+        # The console is this command's (default stdio), never the saved run's file.
+        "console": str(options.get("console") or "stdio"),
+        "clone": bool(options.get("clone")),
+    }
+    if options.get("incoming"):
+        from kasou.vmm.migration import run_incoming
+
+        return run_incoming(str(options["incoming"]), scratch=scratch, **overrides)
+    from kasou.vmm.snapshot import load_snapshot
+
+    image = load_snapshot(Path(str(options["restore"])), scratch=scratch, **overrides)
+    return run(image.config, restore=image)
 
 
 def _config(options: dict[str, object], scratch: list[Path]) -> Any:
@@ -174,7 +237,7 @@ def _cloud_init_seed(text: str, scratch: list[Path]) -> Any:
     scratch.append(folder)
     seed = folder / "seed.iso"
     build_seed(seed, files, hostname=VmConfig.name)  # the VM's name (the class default)
-    return DiskConfig(seed, read_only=True, format="raw", serial=SEED_LABEL)
+    return DiskConfig(seed, read_only=True, format="raw", serial=SEED_LABEL, scratch=True)
 
 
 def _image_boot(
@@ -219,7 +282,7 @@ def _image_boot(
 
     overlay = folder / "root.qcow2"
     create_overlay(overlay, os.path.abspath(image))  # the backing format: the image's own
-    return kernel, initrds, str(cmdline), DiskConfig(overlay, serial="kasou-root")
+    return kernel, initrds, str(cmdline), DiskConfig(overlay, serial="kasou-root", scratch=True)
 
 
 def _root_overlay(base: Path, scratch: list[Path]) -> Any:
@@ -233,4 +296,4 @@ def _root_overlay(base: Path, scratch: list[Path]) -> Any:
     scratch.append(folder)
     overlay = folder / "root.qcow2"
     create_overlay(overlay, base, backing_format="raw")
-    return DiskConfig(overlay, serial="kasou-root")
+    return DiskConfig(overlay, serial="kasou-root", scratch=True)

@@ -94,6 +94,23 @@ RUN_OPTIONS = (
         "A cloud-init NoCloud seed, attached read-only after the other disks: USER-DATA or "
         "user-data=PATH[,meta-data=PATH][,network-config=PATH].",
     ),
+    RunOption(
+        "restore",
+        "Start from a snapshot folder (kasou snapshot create) instead of booting; --disk, "
+        "--net, --vsock, --api-sock and --console replace what it saved.",
+    ),
+    RunOption(
+        "clone",
+        "With --restore: a clone of the snapshot (its own overlay on every writable disk, new "
+        "MACs, and the guest told it was cloned through its VM generation ID).",
+        False,
+        bool,
+        flag=True,
+    ),
+    RunOption(
+        "incoming",
+        "Wait for a VM sent by `kasou migrate` on tcp://ADDR:PORT or unix:PATH, then run it.",
+    ),
 )
 
 RUN_EXAMPLE = (

@@ -3,6 +3,12 @@
 Handlers run on the loop thread, one at a time. A handler that raises is logged and
 removed, so one misbehaving fd (a closed client socket, a device bug) cannot stop the loop
 that every other device of the VM depends on.
+
+Parking (for snapshots): ``park`` from another thread returns once the loop thread sits
+inside a call of its own, between two handlers, and stays there until ``unpark``: while it
+is parked no handler, timer or call runs, so the devices on the loop neither change their
+state nor write guest RAM. Parks nest (a count); a loop that is not running has nothing to
+park. Work that arrives meanwhile waits in the epoll set and the call queue.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from kasou._sys import set_thread_name
+from kasou.errors import HostError
 
 __all__ = ["EventLoop"]
 
@@ -40,6 +47,12 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._epoll.register(self._wake, select.EPOLLIN)
+        # Parking: ``_parks`` calls of ``park`` in force; each first park opens an epoch,
+        # which the loop thread sits in (``_parked_in``) until unpark moves past it.
+        self._park = threading.Condition()
+        self._parks = 0
+        self._park_epoch = 0
+        self._parked_in = -1
 
     def add_reader(self, fd: int, handler: Handler, events: int = select.EPOLLIN) -> None:
         """Call ``handler(events)`` whenever ``fd`` is ready. Thread-safe."""
@@ -75,9 +88,64 @@ class EventLoop:
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def park(self, timeout: float = 10.0) -> None:
+        """Return once the loop thread is parked: waiting, between two handlers, until the
+        matching ``unpark``. Nests: each ``park`` needs its ``unpark``. A loop that was never
+        started or has stopped returns at once (and its ``unpark`` does nothing). Raises
+        ``HostError`` if the loop does not get there within ``timeout`` seconds (a handler is
+        stuck: a disk that does not answer), having undone this park; ``RuntimeError`` on the
+        loop's own thread, which would wait for itself."""
+        if self.in_loop_thread:
+            raise RuntimeError(f"{self.name}: park() called on the loop's own thread")
+        with self._park:
+            if self._thread is None or self._stopping:
+                return
+            self._parks += 1
+            if self._parks == 1:
+                self._park_epoch += 1
+                epoch = self._park_epoch
+                pass
+            if self._park.wait_for(self._parked_or_gone, timeout):
+                return
+            self._release_park()
+        raise HostError(
+            f"event loop {self.name} did not pause within {timeout:g} s: a device handler is "
+            "still busy (a disk or socket not answering?); try again, or stop the VM"
+        )
+
+    def unpark(self) -> None:
+        """Undo one ``park``; the loop runs on after the last one."""
+        with self._park:
+            if self._parks:
+                self._release_park()
+
+    def _release_park(self) -> None:
+        self._parks -= 1
+        if not self._parks:
+            self._park_epoch += 1  # ends the epoch the loop sits in, or will never sit in
+            self._park.notify_all()
+
+    def _parked_or_gone(self) -> bool:
+        return self._parked_in == self._park_epoch or self._stopping or self._thread is None
+
+    def _sit(self, epoch: int) -> None:
+        """The park itself, a call on the loop thread: wait while ``epoch`` lasts."""
+        with self._park:
+            if epoch != self._park_epoch:
+                return  # unparked (or given up on) before the loop got here
+            # running --park--> parked
+            self._parked_in = epoch
+            self._park.notify_all()
+            while self._park_epoch == epoch and not self._stopping:
+                self._park.wait()
+            # parked --unpark--> running
+            self._parked_in = -1
+
     def stop(self) -> None:
         """End the loop and wait for its thread; then release the epoll and eventfd."""
-        self._stopping = True
+        with self._park:
+            self._stopping = True  # a parked loop gets up and ends
+            self._park.notify_all()
         if self._thread is not None:
             os.eventfd_write(self._wake, 1)
             if not self.in_loop_thread:

@@ -58,6 +58,13 @@ smp        finds the MP table, prints ``mp_cpus=N``, starts each AP with INIT-SI
            shared counter with a locked add; the BSP prints ``cpus=N``.
 counter    ring 3 zeroes the 64-bit counter at ``COUNTER_GPA``, prints
            ``counter_addr=0x200000`` and increments it forever.
+memcheck   ``mib=M rate=R report=N`` (16, 0, 16): ring 3 cycles over M MiB of RAM from 16 MiB
+           (the VM needs 16 + M MiB), each pass checking every word for what the pass
+           before wrote and writing its own (``kasou.guestkit.memcheck`` mirrors both and
+           reads the status block at 0x201000). Prints ``memcheck: ready base=0x1000000
+           mib=M``, then ``memcheck: pass P`` as every Nth pass starts, forever; a word
+           that differs ends it: ``fail memcheck: page I word W pass P: got .. want ..``.
+           ``rate=R``: at most R pages per tick of a 1 ms LAPIC timer.
 triple     prints ``triple fault next``, loads an empty IDT and faults: a triple fault.
 reset      prints ``resetting`` and resets through the i8042.
 wait       prints ``ready`` and halts with interrupts off, forever.
@@ -162,6 +169,7 @@ WORKLOADS = (
     "irq",
     "smp",
     "counter",
+    "memcheck",
     "triple",
     "reset",
     "wait",

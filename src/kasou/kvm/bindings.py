@@ -343,6 +343,52 @@ class KvmIrqchip(ctypes.Structure):
 _sized(KvmIrqchip, 520)
 
 
+class KvmPicState(ctypes.Structure):
+    """struct kvm_pic_state, asm/kvm.h: one 8259's registers (kvm_irqchip.chip.pic)"""
+
+    _fields_ = tuple(
+        (name, c_uint8)
+        for name in (
+            "last_irr",
+            "irr",
+            "imr",
+            "isr",
+            "priority_add",
+            "irq_base",
+            "read_reg_select",
+            "poll",
+            "special_mask",
+            "init_state",
+            "auto_eoi",
+            "rotate_on_auto_eoi",
+            "special_fully_nested_mode",
+            "init4",
+            "elcr",
+            "elcr_mask",
+        )
+    )
+
+
+_sized(KvmPicState, 16)
+
+
+class KvmIoapicState(ctypes.Structure):
+    """struct kvm_ioapic_state, asm/kvm.h (kvm_irqchip.chip.ioapic; the redirection table's
+    24 entries kept as raw u64s)"""
+
+    _fields_ = (
+        ("base_address", c_uint64),
+        ("ioregsel", c_uint32),
+        ("id", c_uint32),
+        ("irr", c_uint32),
+        ("pad", c_uint32),
+        ("redirtbl", c_uint64 * 24),
+    )
+
+
+_sized(KvmIoapicState, 216)
+
+
 class KvmPitState2(ctypes.Structure):
     """struct kvm_pit_state2, asm/kvm.h (channels kept as raw bytes)"""
 
@@ -375,6 +421,9 @@ class KvmVcpuEvents(ctypes.Structure):
 
 
 _sized(KvmVcpuEvents, 64)
+# offsetof(struct kvm_vcpu_events, flags): after exception (8), interrupt (4), nmi (4) and
+# sipi_vector (4); a u32 of KVM_VCPUEVENT_VALID_* bits.
+VCPU_EVENTS_FLAGS = 20
 
 
 class KvmDebugregs(ctypes.Structure):
@@ -569,6 +618,13 @@ KVM_MP_STATE_UNINITIALIZED = 1
 KVM_MP_STATE_INIT_RECEIVED = 2
 KVM_MP_STATE_HALTED = 3
 KVM_MP_STATE_SIPI_RECEIVED = 4
+KVM_MP_STATE_AP_RESET_HOLD = 9
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x01
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x02
+KVM_VCPUEVENT_VALID_SHADOW = 0x04
+KVM_VCPUEVENT_VALID_SMM = 0x08
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
 KVM_IRQCHIP_PIC_MASTER = 0
 KVM_IRQCHIP_PIC_SLAVE = 1
 KVM_IRQCHIP_IOAPIC = 2

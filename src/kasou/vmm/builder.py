@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from kasou.arch.x86_64 import acpi, gdt, layout, mptable, msrs, paging
 from kasou.arch.x86_64 import cpuid as arch_cpuid
@@ -22,6 +23,7 @@ from kasou.devices.bus import Bus, BusDevice, BusError
 from kasou.devices.legacy.debug_exit import DebugExit, exit_status
 from kasou.devices.legacy.i8042 import I8042
 from kasou.devices.legacy.power import (
+    GPE0_PORT,
     PM1A_CNT_PORT,
     PM1A_EVT_PORT,
     PM_BASE,
@@ -41,6 +43,9 @@ from kasou.memory import GuestMemory
 from kasou.vmm.config import DiskConfig, NetConfig, VirtioConsoleConfig, VmConfig, VsockConfig
 from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
 from kasou.vmm.vm import Vm
+
+if TYPE_CHECKING:
+    from kasou.vmm.snapshot import MachineImage
 
 __all__ = [
     "COM1",
@@ -118,11 +123,16 @@ def build_vm(
     agent: AgentLine | None = None,
     extra_devices: Sequence[ExtraDevice] = (),
     kvm_path: str = "/dev/kvm",
+    restore: MachineImage | None = None,
 ) -> Vm:
     """Build the VM ``config`` describes. COM1 writes go to ``console_output``; COM2 (the
     guest agent's line) is wired to ``agent`` when given. virtio devices sit in the MMIO
     slots of ``layout.virtio_mmio_address`` in the order of ``virtio_plan`` and are announced
-    on the kernel command line (``virtio_mmio.device=``)."""
+    on the kernel command line (``virtio_mmio.device=``).
+
+    With ``restore`` the VM is the one saved there (``vmm/snapshot.py``): its RAM is mapped
+    from the snapshot's memory file (or left empty for a migration to fill), nothing is
+    loaded, and every device and vCPU is put back in its saved state."""
     with contextlib.ExitStack() as cleanup:
         kvm = Kvm(kvm_path)
         cleanup.callback(kvm.close)
@@ -136,9 +146,13 @@ def build_vm(
         vm_fd.create_irqchip()
         vm_fd.create_pit2()
 
-        memory = GuestMemory.create(
-            layout.ram_layout(config.memory), config.memory_backing, config.hugepages
-        )
+        ram = layout.ram_layout(config.memory)
+        if restore is not None and restore.memory is not None:
+            memory = restore.memory
+        elif restore is not None and restore.memory_file is not None:
+            memory = GuestMemory.from_file(ram, restore.memory_file, hugepages=config.hugepages)
+        else:
+            memory = GuestMemory.create(ram, config.memory_backing, config.hugepages)
         cleanup.callback(memory.close)
         for slot, region in enumerate(memory.regions):
             vm_fd.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
@@ -149,18 +163,24 @@ def build_vm(
         announced = len(plan) if config.virtio_cmdline or not config.acpi else 0
         cmdline = _with_virtio_devices(config.cmdline, announced)
         tables = _acpi_config(config, len(plan), agent is not None) if config.acpi else None
-        entry = _load_guest(
-            config, memory, cmdline, extract=backend() is Backend.PVM, tables=tables
-        )
+        entry: int | MultibootEntry | None = None
+        if restore is None:
+            entry = _load_guest(
+                config, memory, cmdline, extract=backend() is Backend.PVM, tables=tables
+            )
 
         pio, mmio = Bus("pio"), Bus("mmio")
         vm = Vm(config, kvm, vm_fd, memory, pio, mmio, {}, cleanup.pop_all())
 
     # From here on the VM owns the cleanup stack: a failure closes the VM.
     try:
-        _wire_devices(vm, console_output, agent, extra_devices)
+        _wire_devices(vm, console_output, agent, extra_devices, restore)
         _wire_virtio(vm, plan, console_output)
         _create_vcpus(vm, entry)
+        if restore is not None:
+            from kasou.vmm.snapshot import restore_machine
+
+            restore_machine(vm, restore)
     except BaseException:
         vm.close()
         raise
@@ -253,14 +273,20 @@ def _acpi_config(config: VmConfig, virtio_devices: int, com2: bool) -> acpi.Acpi
         pm1a_event=PM1A_EVT_PORT,
         pm1a_control=PM1A_CNT_PORT,
         pm_timer=PM_TMR_PORT,
+        gpe0_block=GPE0_PORT,
         sci_irq=layout.IRQ_SCI,
     )
 
 
 def _write_acpi(memory: GuestMemory, tables: acpi.AcpiConfig | None) -> int:
-    """Write the ACPI tables (after the MP table: a kernel with ACPI prefers them); return
-    the RSDP's address, 0 for none (``--no-acpi``)."""
-    return 0 if tables is None else acpi.write_acpi_tables(memory, tables)
+    """Write the ACPI tables (after the MP table: a kernel with ACPI prefers them) and a new
+    random VM generation ID; return the RSDP's address, 0 for none (``--no-acpi``)."""
+    if tables is None:
+        return 0
+    rsdp = acpi.write_acpi_tables(memory, tables)
+    if tables.vmgenid:
+        acpi.write_generation_id(memory, os.urandom(layout.VMGENID_SIZE))
+    return rsdp
 
 
 def _wire_devices(
@@ -268,7 +294,21 @@ def _wire_devices(
     console_output: Callable[[bytes], None],
     agent: AgentLine | None,
     extra_devices: Sequence[ExtraDevice],
+    restore: MachineImage | None = None,
 ) -> None:
+    """The legacy devices: made new, or from their saved states when restoring."""
+    from kasou.devices.legacy.i8042 import I8042State
+    from kasou.devices.legacy.power import AcpiPmState
+    from kasou.devices.legacy.rtc import RtcState
+    from kasou.devices.legacy.serial import SerialState
+
+    def saved(key: str, kind: type[Any]) -> Any:
+        if restore is None:
+            return None
+        from kasou.vmm.snapshot import device_state
+
+        return device_state(restore, key, kind)
+
     triggers: list[EventfdTrigger] = []
 
     def close_triggers() -> None:
@@ -282,11 +322,23 @@ def _wire_devices(
         triggers.append(trigger)
         return trigger
 
-    serial = Serial(line(COM1[1]), console_output)
+    state = saved("serial0", SerialState)
+    serial = (
+        Serial(line(COM1[1]), console_output)
+        if state is None
+        else Serial.restore(line(COM1[1]), console_output, state)
+    )
     vm.pio.insert(serial, COM1[0], 8)
     vm.devices["serial0"] = serial
     if agent is not None:
-        agent_serial = Serial(line(COM2[1]), agent.output, on_input_ready=agent.input_ready)
+        state = saved("serial1", SerialState)
+        agent_serial = (
+            Serial(line(COM2[1]), agent.output, on_input_ready=agent.input_ready)
+            if state is None
+            else Serial.restore(
+                line(COM2[1]), agent.output, state, on_input_ready=agent.input_ready
+            )
+        )
         vm.pio.insert(agent_serial, COM2[0], 8)
         vm.devices["serial1"] = agent_serial
 
@@ -296,15 +348,19 @@ def _wire_devices(
     def poweroff() -> None:
         vm.end(GuestExit(ExitKind.POWEROFF, "the guest powered off"))
 
-    i8042 = I8042(reset)
+    state = saved("i8042", I8042State)
+    i8042 = I8042(reset) if state is None else I8042.restore(reset, state)
     vm.pio.insert(i8042, I8042_PORT, 5)
     vm.devices["i8042"] = i8042
-    rtc = Rtc()
+    state = saved("rtc", RtcState)
+    rtc = Rtc() if state is None else Rtc.restore(time.time, state)
     vm.pio.insert(rtc, RTC_PORT, 2)
     vm.devices["rtc"] = rtc
     # The ACPI PM registers, with the power-off register (PM1a_CNT) that guests without ACPI
     # use too; the power button's SCI is a level line.
-    pm = AcpiPm(IrqLine(vm.vm_fd, layout.IRQ_SCI), poweroff)
+    sci = IrqLine(vm.vm_fd, layout.IRQ_SCI)
+    state = saved("pm", AcpiPmState)
+    pm = AcpiPm(sci, poweroff) if state is None else AcpiPm.restore(sci, poweroff, state)
     vm.pio.insert(pm, PM_BASE, PM_SIZE)
     vm.devices["pm"] = pm
     if vm.config.debug_exit is not None:
@@ -400,6 +456,7 @@ def _wire_virtio(
 
 def _start_loop(vm: Vm, loop: Any) -> Any:
     loop.start()
+    vm.loops.append(loop)
     vm._cleanup.callback(loop.stop)  # stopping twice is harmless; this one covers failures
     return loop
 
@@ -456,7 +513,9 @@ def _make_virtio_device(
     raise HostError(f"virtio device kind {planned.kind!r} is not built yet")
 
 
-def _create_vcpus(vm: Vm, entry: int | MultibootEntry) -> None:
+def _create_vcpus(vm: Vm, entry: int | MultibootEntry | None) -> None:
+    """The vCPUs with their CPUID and boot MSRs; the boot vCPU in the state its boot
+    protocol asks for (``entry``; ``None``: a restore sets every register afterwards)."""
     supported = vm.kvm.get_supported_cpuid()
     plain = [
         arch_cpuid.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
@@ -488,7 +547,7 @@ def _create_vcpus(vm: Vm, entry: int | MultibootEntry) -> None:
         if isinstance(entry, MultibootEntry):
             if index == 0:
                 _set_multiboot_registers(fd, entry)
-        elif index == 0:
+        elif index == 0 and entry is not None:
             _set_boot_registers(fd, entry)
         vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, vm.end))
 
@@ -504,12 +563,14 @@ def _set_lint(fd: VcpuFd) -> None:
     """LINT0 as ExtINT (the 8259's output) and LINT1 as NMI, as a PC's BIOS leaves them
     (Intel MP spec 1.4 §3.6.2.2, virtual wire mode)."""
     lapic = fd.get_lapic()
-    raw = bytearray(lapic.regs)
+    # The whole struct as bytes: reading the c_char array field would stop at its first
+    # zero byte (ctypes treats it as a C string).
+    raw = bytearray(bytes(lapic))
     for offset, mode in ((0x350, 0b111), (0x360, 0b100)):  # LVT LINT0, LVT LINT1
         value = int.from_bytes(raw[offset : offset + 4], "little")
         value = (value & ~0x700) | (mode << 8)
         raw[offset : offset + 4] = value.to_bytes(4, "little")
-    ctypes.memmove(lapic.regs, bytes(raw), len(raw))
+    ctypes.memmove(ctypes.addressof(lapic), bytes(raw), len(raw))
     fd.set_lapic(lapic)
 
 

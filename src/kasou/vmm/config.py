@@ -66,6 +66,9 @@ class DiskConfig(NamedTuple):
     format: str | None = None  # None: probed from the file
     serial: str | None = None
     sector_size: int = 512  # the logical block size the guest sees
+    # Made by kasou for this run and deleted when it ends (the default guest's overlay, a
+    # cloud-init seed): a snapshot keeps a copy of it, since the file will not outlive kasou.
+    scratch: bool = False
 
 
 class NetConfig(NamedTuple):
@@ -303,6 +306,9 @@ class VmConfig:
     # kernel gets them all, in order, as modules; a Linux kernel takes one initrd.
     extra_initrds: tuple[Path, ...] = ()
     debug_exit: DebugExitConfig | None = None
+    # Built from a snapshot or a migration stream: guest memory already holds the kernel,
+    # so the kernel and initrds are neither loaded nor required to exist.
+    restoring: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.vcpus, int) or self.vcpus < 1:
@@ -325,13 +331,12 @@ class VmConfig:
             raise ConfigError("memory-backing", f"{self.memory_backing!r}: use anonymous or memfd")
         if "\0" in self.cmdline:
             raise ConfigError("cmdline", "the command line contains a NUL byte")
-        _check_readable("kernel", self.kernel)
-        if self.initrd is not None:
-            _check_readable("initrd", self.initrd)
         if self.extra_initrds and self.initrd is None:
             raise ConfigError("initrd", "extra initrds without a first one: set initrd too")
-        for path in self.extra_initrds:
-            _check_readable("initrd", path)
+        if not self.restoring:
+            _check_readable("kernel", self.kernel)
+            for path in self.initrds:
+                _check_readable("initrd", path)
         if self.debug_exit is not None:
             _check_debug_exit(self.debug_exit)
         _check_disks(self.disks)

@@ -24,13 +24,20 @@ class RequestKind(enum.Enum):
     DEVICES = "devices"
     BALLOON = "balloon"
     SHUTDOWN = "shutdown"  # press the ACPI power button: the guest shuts itself down
+    SNAPSHOT = "snapshot"  # write a snapshot folder (vmm/snapshot.py)
+    MIGRATE = "migrate"  # send the VM to a destination (vmm/migration.py)
+    MIGRATION = "migration"  # the progress of the migration under way
+    MIGRATE_CANCEL = "migrate-cancel"  # abandon it; the VM runs on here
 
 
 @dataclass(frozen=True)
 class Request:
     """One request. ``exec`` has the command, its stdin (text) and how long it may run, in
     seconds; ``balloon`` an optional new target size in bytes; ``shutdown`` how long to wait
-    for the VM to end before replying, in seconds (0: reply once the button is pressed)."""
+    for the VM to end before replying, in seconds (0: reply once the button is pressed);
+    ``snapshot`` the folder (``path``), whether only pages written since the previous
+    snapshot go in (``diff``) and whether the VM stops afterwards (``stop``); ``migrate`` the
+    destination (``url``: tcp://HOST:PORT or unix:PATH) and the downtime target in seconds."""
 
     kind: RequestKind
     argv: tuple[str, ...] = ()
@@ -38,6 +45,11 @@ class Request:
     timeout: float = 60.0
     target: int | None = None
     wait: float = 0.0
+    path: str = ""
+    diff: bool = False
+    stop: bool = False
+    url: str = ""
+    downtime: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,10 @@ def parse_request(message: object) -> Request:
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 86400:
             raise ConfigError("wait", "wait must be a number of seconds, 0 to 86400")
         return Request(kind, wait=float(wait))
+    if kind is RequestKind.SNAPSHOT:
+        return _snapshot(message)
+    if kind is RequestKind.MIGRATE:
+        return _migrate(message)
     if kind is not RequestKind.EXEC:
         return Request(kind)
     argv = message.get("argv")
@@ -107,7 +123,34 @@ _ARGUMENTS = {
     RequestKind.EXEC: {"argv", "stdin", "timeout"},
     RequestKind.BALLOON: {"target"},
     RequestKind.SHUTDOWN: {"wait"},
+    RequestKind.SNAPSHOT: {"path", "diff", "stop"},
+    RequestKind.MIGRATE: {"url", "downtime"},
 }
+
+
+def _snapshot(message: dict[str, Any]) -> Request:
+    path = message.get("path")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigError("path", "snapshot needs path: the folder to write the snapshot to")
+    flags = {name: message.get(name, False) for name in ("diff", "stop")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"{name} must be true or false")
+    return Request(RequestKind.SNAPSHOT, path=path, diff=flags["diff"], stop=flags["stop"])
+
+
+def _migrate(message: dict[str, Any]) -> Request:
+    url = message.get("url")
+    if not isinstance(url, str) or not url:
+        raise ConfigError("url", "migrate needs url: tcp://HOST:PORT or unix:PATH")
+    downtime = message.get("downtime", 0.3)
+    if (
+        isinstance(downtime, bool)
+        or not isinstance(downtime, int | float)
+        or not 0.001 <= downtime <= 60
+    ):
+        raise ConfigError("downtime", "downtime must be seconds, 0.001 to 60 (like 0.3)")
+    return Request(RequestKind.MIGRATE, url=url, downtime=float(downtime))
 
 
 def _balloon_target(value: object) -> int | None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kasou.errors import LifecycleError
 from kasou.event import EventLoop
@@ -31,12 +31,14 @@ from kasou.vmm.vm import Vm
 if TYPE_CHECKING:
     from kasou.vmm.control import ControlServer, Deferred
     from kasou.vmm.requests import Reply, Request
+    from kasou.vmm.snapshot import MachineImage
 
 __all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+REPORT_WAIT = 2.0  # seconds a migrated VM's kasou waits for `kasou migrate` to read the result
 
 
 class _Session:
@@ -48,6 +50,8 @@ class _Session:
         self.boots = 0
         self.started = time.monotonic()
         self.quit: GuestExit | None = None
+        self.busy: str | None = None  # a snapshot or migration under way
+        self.migration: Any = None  # the last vmm.migration.Migration started
         self._lock = threading.Lock()
 
     def stop(self, reason: str) -> None:
@@ -76,6 +80,14 @@ class _Session:
             return lambda: self._await_end(vm, request.wait, pressed)
         if vm is None:
             return Reply(True, {"state": "booting"})
+        if request.kind is RequestKind.SNAPSHOT:
+            return lambda: self._snapshot(vm, request)
+        if request.kind in (
+            RequestKind.MIGRATE,
+            RequestKind.MIGRATION,
+            RequestKind.MIGRATE_CANCEL,
+        ):
+            return Reply(True, self._migration_request(vm, request))
         if request.kind is RequestKind.DEVICES:
             return Reply(True, {"devices": vm.device_list()})
         if request.kind is RequestKind.BALLOON:
@@ -115,6 +127,65 @@ class _Session:
         }
         return Reply(True, result)
 
+    def _snapshot(self, vm: Vm, request: Request) -> Reply:
+        """Write a snapshot (a worker thread: the VM's event loop serves on meanwhile)."""
+        from pathlib import Path
+
+        from kasou.vmm.requests import Reply
+        from kasou.vmm.snapshot import create_snapshot
+
+        with self._lock:
+            self.busy = "snapshot" if self.busy is None else self.busy
+            if self.busy != "snapshot":
+                raise LifecycleError(f"busy ({self.busy})", "idle", "snapshot")
+        try:
+            result = create_snapshot(vm, Path(request.path), diff=request.diff, stop=request.stop)
+        finally:
+            with self._lock:
+                self.busy = None
+        if request.stop:
+            with self._lock:
+                self.quit = self.quit or GuestExit(ExitKind.STOPPED, "stopped after a snapshot")
+        return Reply(True, result)
+
+    def _migration_request(self, vm: Vm, request: Request) -> dict[str, object]:
+        """Start a migration (it runs in a thread of its own), report it, or cancel it."""
+        from kasou.errors import MigrationError
+        from kasou.vmm.requests import RequestKind
+
+        migration = self.migration
+        if request.kind is RequestKind.MIGRATION:
+            if migration is None:
+                raise MigrationError("no migration has been started on this VM")
+            progress: dict[str, object] = migration.progress()
+            return progress
+        if request.kind is RequestKind.MIGRATE_CANCEL:
+            if migration is None or not migration.cancel():
+                raise MigrationError("no migration is under way to cancel")
+            cancelled: dict[str, object] = migration.progress()
+            return cancelled
+        from kasou.vmm.migration import Migration
+
+        with self._lock:
+            if self.busy is not None:
+                raise LifecycleError(f"busy ({self.busy})", "idle", "migrate")
+            self.busy = "migration"
+        try:
+            migration = Migration(vm, request.url, downtime=request.downtime)
+        except BaseException:
+            with self._lock:
+                self.busy = None
+            raise
+
+        def finished() -> None:
+            with self._lock:
+                self.busy = None
+
+        self.migration = migration
+        migration.start(on_done=finished)
+        started: dict[str, object] = migration.progress()
+        return started
+
     def _exec(self, request: Request) -> Reply:
         from kasou.vmm.requests import Reply
 
@@ -129,9 +200,19 @@ class _Session:
         )
 
 
-def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> GuestExit:
+def run(
+    config: VmConfig,
+    *,
+    on_boot: Callable[[Vm], None] | None = None,
+    restore: MachineImage | None = None,
+    before_start: Callable[[Vm], None] | None = None,
+) -> GuestExit:
     """Run the VM until it ends for good; return how it ended (``.status`` is the exit
-    status). Raises ``KasouError`` for anything that stops it from being built."""
+    status). Raises ``KasouError`` for anything that stops it from being built. With
+    ``restore`` the first boot is the saved VM (a snapshot's); a guest reboot after it boots
+    the kernel of its config afresh. ``before_start(vm)`` runs once the first VM is built,
+    before its vCPUs start (an incoming migration's last handshake); ``on_boot(vm)`` after
+    each start."""
     install_kick_handler()
     loop = EventLoop(f"kasou-{config.name}-events")
     agent = AgentChannel(loop)
@@ -146,7 +227,8 @@ def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> Gue
 
             server = ControlServer(config.api_sock, loop, session.handle)
         while True:
-            vm = build_vm(config, console_output=console.write, agent=agent)
+            vm = build_vm(config, console_output=console.write, agent=agent, restore=restore)
+            restore = None
             session.boots += 1
             with session._lock:
                 stopped = session.quit is not None
@@ -156,10 +238,15 @@ def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> Gue
                     return session.quit or GuestExit(ExitKind.STOPPED, "stopped")
                 console.attach(loop, vm.devices["serial0"])
                 agent.attach(vm.devices["serial1"].enqueue_input)
+                if before_start is not None:
+                    before_start(vm)
+                    before_start = None
                 vm.start()
                 if on_boot is not None:
                     on_boot(vm)
                 ending = vm.wait()
+                if _migrated(session):
+                    session.migration.reported.wait(REPORT_WAIT)
             finally:
                 with session._lock:
                     session.vm = None
@@ -178,6 +265,12 @@ def run(config: VmConfig, *, on_boot: Callable[[Vm], None] | None = None) -> Gue
             server.close()
         loop.stop()
         console.close()
+
+
+def _migrated(session: _Session) -> bool:
+    """Whether the VM just ended because it migrated away."""
+    migration = session.migration
+    return migration is not None and migration.phase == "completed"
 
 
 def _install_stop_signals(session: _Session) -> dict[int, object]:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kasou.devices.bus import Bus
-from kasou.errors import LifecycleError
+from kasou.errors import LifecycleError, SnapshotError
 from kasou.kvm import Kvm, VmFd
 from kasou.memory import GuestMemory
 from kasou.vmm.config import VmConfig
 from kasou.vmm.lifecycle import Transition, VmState, next_state
+from kasou.vmm.state import VcpuState, check_vcpu, restore_vcpu, save_vcpu, saved_msr_indices
 from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
+
+if TYPE_CHECKING:
+    from kasou.vmm.dirty import DirtyTracker
 
 __all__ = ["Vm"]
 
@@ -50,6 +54,9 @@ class Vm:
         self.mmio = mmio
         self.devices = devices
         self.vcpus: list[Vcpu] = []
+        self.loops: list[Any] = []  # the device event loops, parked while the VM is saved
+        self.dirty: DirtyTracker | None = None  # once a snapshot or migration began
+        self.last_snapshot: str | None = None  # the id a diff snapshot would apply on
         self._cleanup = cleanup
         self._lock = threading.RLock()  # pause, resume and start, one at a time
         self._end_lock = threading.Lock()
@@ -103,6 +110,41 @@ class Vm:
                 request.wait(COMMAND_TIMEOUT)
             with self._end_lock:
                 self._move(Transition.RESUME)  # paused --resume--> running
+
+    def save_vcpus(self) -> list[VcpuState]:
+        """Every vCPU's KVM state in index order, each read on its own vCPU thread (which
+        owns the fd). The VM must be paused, so that no vCPU moves while the others are read."""
+        with self._lock:
+            if self._state is not VmState.PAUSED:
+                raise LifecycleError(self._state.value, VmState.PAUSED.value, "save the vCPUs")
+            kvm = self.kvm
+            requests = [
+                vcpu.call(lambda fd: save_vcpu(fd, saved_msr_indices(kvm, fd)))
+                for vcpu in self.vcpus
+            ]
+            return [request.wait(COMMAND_TIMEOUT) for request in requests]
+
+    def restore_vcpus(self, states: Sequence[VcpuState]) -> None:
+        """Put every vCPU in its saved state before ``start`` (guest memory already holding
+        the saved contents). All states are checked before the first is applied."""
+        with self._lock:
+            if self._state is not VmState.CREATED:
+                raise LifecycleError(self._state.value, VmState.CREATED.value, "restore the vCPUs")
+            if len(states) != len(self.vcpus):
+                raise SnapshotError(
+                    f"the snapshot has {len(states)} vCPUs and this VM {len(self.vcpus)}: "
+                    f"restore it with vcpus={len(states)}, the configuration it was taken with"
+                )
+            for position, state in enumerate(states):
+                check_vcpu(state)
+                if state.index != position:
+                    raise SnapshotError(
+                        f"vCPU {position}: the snapshot holds vCPU {state.index}'s state in "
+                        "its place: the snapshot is damaged or was not written by kasou"
+                    )
+            # The vCPU threads have not started: this thread may use their fds.
+            for vcpu, state in zip(self.vcpus, states, strict=True):
+                restore_vcpu(vcpu.fd, state)
 
     def stop(self, reason: str = "stopped on request") -> None:
         """End the VM from the host side. Stopping a stopped VM does nothing."""

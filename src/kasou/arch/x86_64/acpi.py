@@ -9,22 +9,47 @@ This module owns the ACPI 6.5 tables kasou writes into the e820-reserved area at
     FACS  64 bytes, 64-byte aligned, unused (no S4BIOS, no waking vector, lock free)
     XSDT  64-bit pointers to the FADT and the MADT
     RSDT  the same pointers, 32-bit
-    FADT  revision 6: the PM1a event and control blocks, the PM timer, the SCI; it points at
-          the FACS and the DSDT
+    FADT  revision 6: the PM1a event and control blocks, the PM timer, the GPE0 block, the
+          SCI; it points at the FACS and the DSDT
     MADT  a local APIC per vCPU, the IOAPIC, the SCI's override, NMIs on LINT1
-    DSDT  AML (``aml.py``): COM ports, i8042, RTC and virtio-mmio slots in \\_SB; \\_S5
+    DSDT  AML (``aml.py``): COM ports, i8042, RTC, virtio-mmio slots and the VM generation
+          ID device in \\_SB; \\_S5; \\_GPE._E00, which notifies the VM generation ID device
 
 The hardware it describes: a PC without SMM, always in ACPI mode (no SMI_CMD), with a
 PM1a event block (PM1_STS, PM1_EN), a PM1a control block (SLP_TYP/SLP_EN: power-off with
-SLP_TYP 0), a 32-bit PM timer, a fixed-feature power button and no sleep button, and the SCI
+SLP_TYP 0), a 32-bit PM timer, a GPE0 block of one status and one enable byte (GPEs 0-7, of
+which GPE 0 alone has a source), a fixed-feature power button and no sleep button, and the SCI
 on ISA IRQ 9, level-triggered and active high. Interrupts are routed as ``mptable.py``
 explains (ISA IRQ n on IOAPIC pin n; no override for IRQ 0), so the MADT overrides only the
 SCI's trigger mode.
 
+The VM generation ID (Microsoft's "Virtual Machine Generation ID" paper, 2012): 16 bytes at
+``layout.VMGENID_ADDRESS`` that the host changes whenever the VM may have been duplicated (a
+snapshot restored as a clone), then raising GPE 0. Linux's driver (drivers/virt/vmgenid.c)
+reads the bytes when it binds, and again on the Notify(VGEN, 0x80) that ``\\_GPE._E00`` sends;
+when they changed it reseeds its RNG ("crng reseeded due to virtual machine fork")::
+
+    Device (\\_SB.VGEN) {
+        Name (_HID, "KASO0001")         hypervisor-specific, as the paper asks
+        Name (_CID, "VM_Gen_Counter")   what the paper's drivers (Windows, Linux, FreeBSD) match
+        Name (_DDN, "VM_Gen_Counter")
+        Name (ADDR, Package () { low 32 bits, high 32 bits of the address })
+    }
+    Scope (\\_GPE) { Method (_E00) { Notify (\\_SB.VGEN, 0x80) } }   GPE 0, edge-triggered
+
+Linux 6.1 matches "VMGENCTR" and "VM_GEN_COUNTER" (``vmgenid_ids``; ACPI_ID_LEN is 16 since
+5.18 for exactly this id). ACPICA upper-cases string _HIDs and _CIDs when it evaluates them
+(``acpi_ns_repair_HID``, nsrepair2.c), so the paper's "VM_Gen_Counter" reaches the driver as
+"VM_GEN_COUNTER", as it does under QEMU and Hyper-V. "VMGENCTR" is not used as the _HID: it is
+no valid ACPI or PNP id (§6.1.5: a vendor prefix and four hex digits; iasl refuses it), and the
+paper wants the _HID to name the hypervisor. "KASO" is the creator id of every kasou table; it
+is not a registered ACPI vendor id, but no device of another vendor uses it either.
+
 It does not model those registers (``devices/legacy/power.py`` does), choose the ports or
-slots (the builder passes them in ``AcpiConfig``), describe PCI, processors in the
-namespace, sleep states other than S5, or a reset register (Linux falls back to the
-i8042 reset).
+slots (the builder passes them in ``AcpiConfig``), decide when the generation changes (the
+snapshot restore path does, with ``write_generation_id`` and the PM device's GPE), describe
+PCI, processors in the namespace, sleep states other than S5, or a reset register (Linux
+falls back to the i8042 reset).
 """
 
 from __future__ import annotations
@@ -45,6 +70,8 @@ from kasou.arch.x86_64.layout import (
     IRQ_RTC,
     IRQ_SCI,
     LAPIC_ADDRESS,
+    VMGENID_ADDRESS,
+    VMGENID_SIZE,
 )
 from kasou.errors import ConfigError
 from kasou.memory import GuestMemory
@@ -54,7 +81,9 @@ __all__ = [
     "MAX_VCPUS",
     "AcpiConfig",
     "build_acpi_tables",
+    "read_generation_id",
     "write_acpi_tables",
+    "write_generation_id",
 ]
 
 
@@ -73,11 +102,16 @@ class AcpiConfig(NamedTuple):
     """Port of PM1a_CNT_BLK (2 bytes)."""
     pm_timer: int = 0x608
     """Port of PM_TMR_BLK (4 bytes, 32-bit counter at 3.579545 MHz)."""
+    gpe0_block: int = 0x60C
+    """Port of GPE0_BLK (2 bytes: GPE0_STS for GPEs 0-7, then GPE0_EN)."""
     sci_irq: int = IRQ_SCI
     i8042: bool = True
     """Describe a PS/2 keyboard controller (PNP0303) at 0x60/0x64 with IRQ 1."""
     rtc: bool = True
     """Describe a CMOS RTC (PNP0B00) at 0x70 and its century byte."""
+    vmgenid: bool = True
+    """Describe the VM generation ID device (its 16 bytes at ``layout.VMGENID_ADDRESS``) and
+    the GPE 0 method that notifies it."""
 
 
 # Local APIC ids are 8 bits, 0xff is the broadcast id and the IOAPIC takes id ``vcpus``, as
@@ -89,6 +123,9 @@ _I8042_PORTS = ((0x60, 1), (0x64, 1))
 _RTC_PORT, _RTC_PORTS = 0x70, 2
 _IRQ_CASCADE = 2  # the 8259 cascade: Linux never hands ISA IRQ 2 to a device
 _PM1_EVT_LEN, _PM1_CNT_LEN, _PM_TMR_LEN = 4, 2, 4
+# GPE0_BLK_LEN (§5.2.9): a status register and an enable register of equal size (§4.8.4.1),
+# one byte each here: GPEs 0-7.
+_GPE0_BLK_LEN = 2
 _RTC_CENTURY = 0x32  # CMOS index of the century byte (devices/legacy/rtc.py)
 
 _OEM_ID = b"KASOU "
@@ -116,7 +153,7 @@ _FACS_ALIGN = 64
 # address.
 _GAS = struct.Struct("<BBBBQ")
 _SYSTEM_IO = 1
-_ACCESS_WORD, _ACCESS_DWORD = 2, 3
+_ACCESS_BYTE, _ACCESS_WORD, _ACCESS_DWORD = 1, 2, 3
 # MADT (§5.2.12): local interrupt controller address and flags after the header, then
 # interrupt controller structures.
 _MADT = struct.Struct("<II")
@@ -170,6 +207,16 @@ _PNP_COM = "PNP0501"  # 16550A-compatible COM port
 _PNP_KEYBOARD = "PNP0303"  # IBM enhanced keyboard (101/102-key, PS/2 mouse support)
 _PNP_RTC = "PNP0B00"  # AT real-time clock
 _VIRTIO_MMIO_HID = "LNRO0005"
+# The VM generation ID device: see the module docstring for why these strings.
+_VMGENID_HID = "KASO0001"
+_VMGENID_CID = "VM_Gen_Counter"
+_VMGENID_DEVICE = "VGEN"
+# Notification values 0x80 and up are device-specific (§5.6.6); the paper uses 0x80 for "the
+# generation ID changed", and Linux's driver re-reads the ID on any notification.
+_VMGENID_NOTIFY = 0x80
+# The GPE that carries the notification: GPE 0, bit 0 of GPE0_STS/GPE0_EN, edge-triggered
+# (_Exx, §5.6.4.1): ACPICA clears its status before running the method.
+_VMGENID_GPE_METHOD = "_E00"
 # \_S5 (§7.4.2, \_Sx): SLP_TYPa and SLP_TYPb for soft-off, then two reserved values.
 _SLP_TYP_S5 = 0
 
@@ -235,6 +282,26 @@ def write_acpi_tables(memory: GuestMemory, config: AcpiConfig) -> int:
     return ACPI_START
 
 
+def write_generation_id(memory: GuestMemory, guid: bytes) -> None:
+    """Store the VM generation ID, 16 bytes, where the DSDT's ``\\_SB.VGEN.ADDR`` points.
+
+    At build time the builder stores a random one; when a snapshot is restored as a clone the
+    restore path stores a new one and then raises GPE 0 (``AcpiPm.notify_generation_change``)
+    so the guest re-reads it. Any 16 bytes will do (the paper treats them as an opaque
+    128-bit value); they should be random, never reused. ``ValueError`` for another length.
+    """
+    if len(guid) != VMGENID_SIZE:
+        raise ValueError(
+            f"a VM generation ID is {VMGENID_SIZE} bytes, not {len(guid)}: use os.urandom(16)"
+        )
+    memory.write(VMGENID_ADDRESS, guid)
+
+
+def read_generation_id(memory: GuestMemory) -> bytes:
+    """The 16 bytes of the VM generation ID as the guest reads them now."""
+    return memory.read(VMGENID_ADDRESS, VMGENID_SIZE)
+
+
 def _check(config: AcpiConfig) -> None:
     """Raise ``ConfigError`` for anything the tables cannot describe or would describe wrong."""
     if not 1 <= config.vcpus <= MAX_VCPUS:
@@ -281,6 +348,7 @@ def _check(config: AcpiConfig) -> None:
         ("PM1a_EVT_BLK", config.pm1a_event, _PM1_EVT_LEN),
         ("PM1a_CNT_BLK", config.pm1a_control, _PM1_CNT_LEN),
         ("PM_TMR_BLK", config.pm_timer, _PM_TMR_LEN),
+        ("GPE0_BLK", config.gpe0_block, _GPE0_BLK_LEN),
     ]
     for what, port, length in ports:
         if not 0 < port <= 0x10000 - length:
@@ -363,8 +431,10 @@ def _fadt(config: AcpiConfig, *, facs: int, dsdt: int) -> bytes:
     # switch modes, and PM1_CNT reads SCI_EN set.
     put(56, "I", config.pm1a_event)  # PM1a_EVT_BLK
     put(64, "I", config.pm1a_control)  # PM1a_CNT_BLK
-    put(76, "I", config.pm_timer)  # PM_TMR_BLK; PM1b, PM2 and both GPE blocks absent
+    put(76, "I", config.pm_timer)  # PM_TMR_BLK; PM1b and PM2 absent
+    put(80, "I", config.gpe0_block)  # GPE0_BLK; GPE1_BLK (84) absent
     put(88, "BBBB", _PM1_EVT_LEN, _PM1_CNT_LEN, 0, _PM_TMR_LEN)  # PM1_EVT..PM_TMR_LEN
+    put(92, "B", _GPE0_BLK_LEN)  # GPE0_BLK_LEN; GPE1_BLK_LEN and GPE1_BASE zero
     put(96, "HH", _C2_UNSUPPORTED, _C3_UNSUPPORTED)  # P_LVL2_LAT, P_LVL3_LAT
     # FLUSH_SIZE, FLUSH_STRIDE (WBINVD is set), DUTY_*, DAY_ALRM, MON_ALRM: zero.
     put(108, "B", _RTC_CENTURY if config.rtc else 0)  # CENTURY
@@ -379,6 +449,9 @@ def _fadt(config: AcpiConfig, *, facs: int, dsdt: int) -> bytes:
     put(148, "12s", _gas_io(config.pm1a_event, _PM1_EVT_LEN, _ACCESS_WORD))  # X_PM1a_EVT_BLK
     put(172, "12s", _gas_io(config.pm1a_control, _PM1_CNT_LEN, _ACCESS_WORD))  # X_PM1a_CNT_BLK
     put(208, "12s", _gas_io(config.pm_timer, _PM_TMR_LEN, _ACCESS_DWORD))  # X_PM_TMR_BLK
+    # GPE registers are accessed a byte at a time (§4.8.4.1); ACPICA takes the block's size
+    # from GPE0_BLK_LEN and ignores the bit width, which says the same.
+    put(220, "12s", _gas_io(config.gpe0_block, _GPE0_BLK_LEN, _ACCESS_BYTE))  # X_GPE0_BLK
     # SLEEP_CONTROL_REG and SLEEP_STATUS_REG (244, 256) are for hardware-reduced ACPI: zero.
     put(268, "8s", _HYPERVISOR_VENDOR)
     return _table(b"FACP", _FADT_REVISION, bytes(body[_HEADER.size :]))
@@ -437,8 +510,36 @@ def _dsdt_body(config: AcpiConfig) -> bytes:
                 _crs(aml.memory32_fixed(base, size), aml.extended_interrupt(gsi)),
             )
         )
+    gpe_methods: list[bytes] = []
+    if config.vmgenid:
+        devices.append(_vmgenid_device())
+        gpe_methods.append(
+            aml.method(
+                _VMGENID_GPE_METHOD,
+                aml.notify(f"\\_SB.{_VMGENID_DEVICE}", _VMGENID_NOTIFY),
+            )
+        )
     s5 = aml.package(*(aml.integer(value) for value in (_SLP_TYP_S5, _SLP_TYP_S5, 0, 0)))
-    return aml.scope("\\_SB", *devices) + aml.name("\\_S5", s5)
+    body = aml.scope("\\_SB", *devices) + aml.name("\\_S5", s5)
+    if gpe_methods:
+        body += aml.scope("\\_GPE", *gpe_methods)
+    return body
+
+
+def _vmgenid_device() -> bytes:
+    """\\_SB.VGEN: the ids of the module docstring and ADDR, the Package of two Integers
+    (low and high 32 bits of the address of the 16 bytes) that the paper and Linux's
+    ``vmgenid_add`` evaluate."""
+    address = aml.package(
+        aml.integer(VMGENID_ADDRESS & 0xFFFF_FFFF), aml.integer(VMGENID_ADDRESS >> 32)
+    )
+    return aml.device(
+        _VMGENID_DEVICE,
+        aml.name("_HID", aml.string(_VMGENID_HID)),
+        aml.name("_CID", aml.string(_VMGENID_CID)),
+        aml.name("_DDN", aml.string(_VMGENID_CID)),
+        aml.name("ADDR", address),
+    )
 
 
 def _hid(pnp_id: str) -> bytes:

@@ -1,13 +1,15 @@
 """A small ACPI Machine Language encoder: the terms a static DSDT needs, as bytes.
 
 This module owns the byte encoding of the AML objects kasou's DSDT uses (ACPI 6.5 chapter
-20): name strings, integers, strings, buffers, packages, ``Name``, ``Scope`` and ``Device``
-with their package lengths, the ``EISAID`` compression of PNP ids, and the resource
-descriptors (ACPI 6.5 §6.4) that go into a ``ResourceTemplate``. Every function returns the
-encoded term; callers nest them by passing the bytes of inner terms.
+20): name strings, integers, strings, buffers, packages, ``Name``, ``Scope``, ``Device`` and
+``Method`` with their package lengths, the one executable term its methods need
+(``Notify``), the ``EISAID`` compression of PNP ids, and the resource descriptors (ACPI 6.5
+§6.4) that go into a ``ResourceTemplate``. Every function returns the encoded term; callers
+nest them by passing the bytes of inner terms.
 
-It does not encode methods, operation regions, fields or any executable opcode, does not
-check that names resolve, and does not build table headers (``acpi.py`` does).
+It does not encode operation regions, fields, locals, arguments or any other executable
+opcode, does not check that names resolve, and does not build table headers (``acpi.py``
+does).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ __all__ = [
     "io_port",
     "irq_no_flags",
     "memory32_fixed",
+    "method",
     "name",
     "name_string",
+    "notify",
     "package",
     "pkg_length",
     "resource_template",
@@ -47,10 +51,12 @@ _QWORD_PREFIX = 0x0E
 _SCOPE_OP = 0x10
 _BUFFER_OP = 0x11
 _PACKAGE_OP = 0x12
+_METHOD_OP = 0x14
 _DUAL_NAME_PREFIX = 0x2E
 _MULTI_NAME_PREFIX = 0x2F
 _EXT_OP_PREFIX = 0x5B
 _DEVICE_OP = 0x82  # after ExtOpPrefix
+_NOTIFY_OP = 0x86
 _ROOT_CHAR = 0x5C  # '\'
 _PARENT_PREFIX_CHAR = 0x5E  # '^'
 _NULL_NAME = 0x00
@@ -192,6 +198,39 @@ def device(path: str, *terms: bytes) -> bytes:
     """DefDevice (§20.2.5.2): a Device object ``path`` holding ``terms``."""
     body = with_pkg_length(name_string(path) + b"".join(terms))
     return bytes([_EXT_OP_PREFIX, _DEVICE_OP]) + body
+
+
+# MethodFlags (§20.2.5.2): bits 2-0 ArgCount (0-7), bit 3 SerializeFlag, bits 7-4 SyncLevel.
+_MAX_METHOD_ARGS = 7
+_SERIALIZED = 1 << 3
+_MAX_SYNC_LEVEL = 15
+
+
+def method(
+    path: str, *terms: bytes, args: int = 0, serialized: bool = False, sync_level: int = 0
+) -> bytes:
+    """DefMethod (§20.2.5.2): a control method ``path`` taking ``args`` arguments whose body
+    is ``terms``: ASL ``Method (path, args, NotSerialized) {...}`` (``Serialized`` and its
+    SyncLevel with ``serialized``)."""
+    if not 0 <= args <= _MAX_METHOD_ARGS:
+        raise ValueError(f"a method takes 0 to {_MAX_METHOD_ARGS} arguments, not {args}")
+    if not 0 <= sync_level <= _MAX_SYNC_LEVEL:
+        raise ValueError(f"sync level {sync_level} out of range 0..{_MAX_SYNC_LEVEL}")
+    if sync_level and not serialized:
+        raise ValueError("only a serialized method has a sync level")
+    flags = args | (_SERIALIZED if serialized else 0) | sync_level << 4
+    return bytes([_METHOD_OP]) + with_pkg_length(
+        name_string(path) + bytes([flags]) + b"".join(terms)
+    )
+
+
+def notify(path: str, value: int) -> bytes:
+    """DefNotify (§20.2.5.3): NotifyOp, the object named ``path`` (a SuperName) and the
+    notification value as an integer TermArg: ASL ``Notify (path, value)``. Values 0x80 and
+    up are device-specific (§5.6.6)."""
+    if not 0 <= value <= 0xFF:
+        raise ValueError(f"notification value {value:#x} does not fit a byte")
+    return bytes([_NOTIFY_OP]) + name_string(path) + integer(value)
 
 
 # Resource data (ACPI 6.5 §6.4). Small items: a tag byte (bit 7 clear, item name in bits 6-3,

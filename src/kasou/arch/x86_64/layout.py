@@ -18,7 +18,8 @@ Below 1 MiB (all of it guest RAM)::
     0x1_0000 - 0x1_ffff   Multiboot information, for Multiboot kernels (loader/multiboot.py)
     0x2_0000 - 0x2_ffff   kernel command line
     0x9_fc00 - 0xa_1fff   EBDA: MP table from 0x9fc00 (mptable.py); e820-reserved to 1 MiB
-    0xe_0000 - 0xf_ffff   ACPI tables, RSDP first     (acpi.py)
+    0xe_0000 - 0xf_efff   ACPI tables, RSDP first     (acpi.py)
+    0xf_f000 - 0xf_f00f   VM generation ID, 16 bytes; the rest of its page unused (acpi.py)
     0x10_0000 -           HIMEM: kernel, initrd, the rest of RAM
 
 Above: RAM up to 3 GiB, then the MMIO hole [3 GiB, 4 GiB) with virtio-mmio devices at
@@ -81,6 +82,8 @@ __all__ = [
     "VIRTIO_MMIO_BASE",
     "VIRTIO_MMIO_SIZE",
     "VIRTIO_MMIO_SLOTS",
+    "VMGENID_ADDRESS",
+    "VMGENID_SIZE",
     "ZERO_PAGE",
     "ZERO_PAGE_SIZE",
     "e820_map",
@@ -123,7 +126,15 @@ MPTABLE_SIZE = 0xA2000 - MPTABLE  # 9 KiB: floating pointer + config table for 2
 # EBDA and the BIOS area 0xe0000-0xfffff on 16-byte boundaries; kasou also passes its address
 # in boot_params.acpi_rsdp_addr. The tables follow the RSDP in the same reserved area.
 ACPI_START = 0xE0000
-ACPI_SIZE = 0x20000
+ACPI_SIZE = 0x1F000
+# The VM Generation ID (Microsoft's "Virtual Machine Generation ID" paper, 2012; QEMU's
+# docs/specs/vmgenid.rst lists its rules R1a-R1e): a 16-byte, 8-byte aligned value in memory
+# the OS reads as ordinary cacheable memory and never uses itself, covered by no e820 RAM or
+# ACPI entry. The last page of the BIOS area is all of that: guest RAM, e820-reserved, and
+# below 1 MiB, which Linux keeps in its direct map (memremap of it is a plain pointer). A page
+# of its own keeps the ACPI tables from ever growing into it.
+VMGENID_ADDRESS = ACPI_START + ACPI_SIZE
+VMGENID_SIZE = 16
 HIMEM = 0x100000  # 1 MiB: the kernel and everything not above goes at or above this
 
 BOOT_AREAS: tuple[tuple[str, int, int], ...] = (
@@ -137,6 +148,7 @@ BOOT_AREAS: tuple[tuple[str, int, int], ...] = (
     ("command line", CMDLINE, CMDLINE_SIZE),
     ("mp table", MPTABLE, MPTABLE_SIZE),
     ("acpi tables", ACPI_START, ACPI_SIZE),
+    ("vm generation id", VMGENID_ADDRESS, _PAGE),
 )
 
 # The 32-bit MMIO hole: no RAM here, devices only.
@@ -215,8 +227,8 @@ def e820_map(ram: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """The e820 memory map ``(address, size, type)`` for RAM regions from ``ram_layout``.
 
     The region at 0 is split: RAM up to the EBDA, reserved from the EBDA to 1 MiB (where a PC
-    has its EBDA, video memory and BIOS ROMs, and kasou its MP table and ACPI tables), RAM from
-    1 MiB on.
+    has its EBDA, video memory and BIOS ROMs, and kasou its MP table, ACPI tables and VM
+    generation ID), RAM from 1 MiB on.
     """
     entries: list[tuple[int, int, int]] = []
     for address, size in sorted(ram):

@@ -6,8 +6,9 @@ Where the VMM inserts them on the PIO bus (base port, length):
 - ``I8042``: 0x60, 5, once: offset 0 is port 0x60, offset 4 is port 0x64. No interrupt;
   ``on_reset`` is its reset line.
 - ``Rtc``: 0x70, 2 (index and data ports). No interrupt: IRQ 8 is never raised.
-- ``AcpiPm``: 0x600, 12 (PM1a event block, PM1a control block with the power-off register at
-  0x604, PM timer at 0x608). The SCI, ISA IRQ 9, is a level line (``SciLine``).
+- ``AcpiPm``: 0x600, 14 (PM1a event block, PM1a control block with the power-off register at
+  0x604, PM timer at 0x608, GPE0 block at 0x60c). The SCI, ISA IRQ 9, is a level line
+  (``SciLine``).
 """
 
 from kasou.devices.legacy.i8042 import I8042, I8042State

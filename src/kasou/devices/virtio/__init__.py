@@ -3,15 +3,23 @@
 - ``spec``: the spec's numbers and ring layouts;
 - ``queue``: split virtqueues, every guest-written field validated;
 - ``device``: ``VirtioDevice``, the shape every device has, and its event-loop glue;
-- ``mmio``: the virtio-mmio register page that a device sits behind on the MMIO bus;
+- ``mmio``: the virtio-mmio register page that a device sits behind on the MMIO bus, and
+  its snapshot (``VirtioMmioState``, with each queue's ``VirtqueueState``);
 - one module a device: ``block``, ``net``, ``vsock``, ``rng``, ``console``, ``balloon``.
 """
 
 from __future__ import annotations
 
 from kasou.devices.virtio.device import Interrupt, Reactor, VirtioDevice
-from kasou.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
-from kasou.devices.virtio.queue import Chain, ChainError, QueueError, RingError, Virtqueue
+from kasou.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio, VirtioMmioState
+from kasou.devices.virtio.queue import (
+    Chain,
+    ChainError,
+    QueueError,
+    RingError,
+    Virtqueue,
+    VirtqueueState,
+)
 from kasou.devices.virtio.spec import DeviceType
 
 __all__ = [
@@ -26,5 +34,7 @@ __all__ = [
     "RingError",
     "VirtioDevice",
     "VirtioMmio",
+    "VirtioMmioState",
     "Virtqueue",
+    "VirtqueueState",
 ]

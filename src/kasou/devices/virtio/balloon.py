@@ -28,6 +28,11 @@ a reporting buffer the driver made device-readable, a statistics buffer too big 
 of whole entries each fail that chain only (returned unused, ``bad_chain``); nothing reaches
 host memory outside guest RAM (chains are validated by the queue, PFNs here).
 
+Snapshots (``BalloonState``): the size asked for and the size reached, the latest statistics
+and their interval, and the statistics buffer the device holds (its head; after a restore the
+device returns it when the interval is next up, asking for fresh figures). The figures'
+age is not saved: after a restore they count as received then.
+
 Threads: the queues are served on the device's reactor; ``set_target``, ``target``,
 ``actual``, ``stats`` and ``counters`` are for any thread (the control socket); config space
 reads and writes come from vCPU threads.
@@ -39,6 +44,7 @@ import ctypes
 import logging
 import struct
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kasou.devices.virtio.device import Reactor, VirtioDevice
@@ -46,6 +52,7 @@ from kasou.devices.virtio.queue import Chain, ChainError, Virtqueue
 from kasou.devices.virtio.spec import DeviceType
 from kasou.errors import ConfigError, GuestMemoryError, HostError
 from kasou.memory import GuestMemory
+from kasou.persist import encode_state
 
 __all__ = [
     "DEFAULT_STATS_INTERVAL",
@@ -55,6 +62,7 @@ __all__ = [
     "PAGE_SIZE",
     "STAT_NAMES",
     "Balloon",
+    "BalloonState",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,25 @@ DEFAULT_STATS_INTERVAL = 2.0
 """Seconds between two requests for fresh statistics."""
 MAX_STATS_INTERVAL = 86400.0
 
+_TAGS = {name: tag for tag, name in STAT_NAMES.items()}
+STATS_QUEUE = 2  # statsq's index whenever VIRTIO_BALLOON_F_STATS_VQ is negotiated
+
+
+@dataclass(frozen=True)
+class BalloonState:
+    """A balloon as saved. Field names are a snapshot format contract.
+
+    ``target_pages``: the balloon size the host asks for (num_pages); ``actual_pages``: the
+    size the driver reported (actual), both in 4 KiB pages; ``stats``: the latest statistics
+    as (tag, value) pairs (§5.5.6.3 tags), ascending by tag; ``stats_head``: the statistics
+    buffer the device holds, if any; ``stats_interval_ms``: how often it asks (0: never)."""
+
+    target_pages: int
+    actual_pages: int
+    stats: tuple[tuple[int, int], ...]
+    stats_head: int | None
+    stats_interval_ms: int
+
 
 class Balloon(VirtioDevice):
     """A memory balloon: inflate, deflate, statistics and free page reporting."""
@@ -127,6 +154,7 @@ class Balloon(VirtioDevice):
         # cancelled).
         self._stats_head: int | None = None
         self._stats_token = 0
+        self._restored: BalloonState | None = None  # from ``load_state``, for ``on_activate``
         self.inflated_pages = 0
         self.deflated_pages = 0
         self.reported_pages = 0
@@ -227,8 +255,64 @@ class Balloon(VirtioDevice):
         self._roles = dict(enumerate(roles))
         self._stats_head = None
         self._stats_token += 1  # timers of an earlier activation do nothing
-        self._stats = {}
-        self._stats_time = None
+        restored, self._restored = self._restored, None
+        if restored is None:
+            self._stats = {}
+            self._stats_time = None
+            return
+        # A restore: the statistics stay, and the buffer held at the snapshot is held again.
+        head = restored.stats_head
+        queue = self.queues[STATS_QUEUE]
+        if head is not None and self._roles.get(STATS_QUEUE) == "stats" and queue.live:
+            for chain in self.held_chains(queue, (head,)):
+                self._stats_head = chain.head
+                self._schedule_stats_request()
+
+    def on_reset(self) -> None:
+        self._restored = None
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        state = BalloonState(
+            target_pages=self._num_pages,
+            actual_pages=self._actual,
+            stats=tuple(sorted((_TAGS[name], value) for name, value in self._stats.items())),
+            stats_head=self._stats_head if self.active else None,
+            stats_interval_ms=round(self._stats_interval * 1000),
+        )
+        return encode_state(state)
+
+    def load_state(self, data: bytes) -> None:
+        state = self.decode_state(data, BalloonState)
+        for field in ("target_pages", "actual_pages"):
+            value = getattr(state, field)
+            if not 0 <= value <= MAX_PAGES:
+                raise self.state_error(field, f"{value} is not a number from 0 to {MAX_PAGES}")
+        if len(state.stats) > len(STAT_NAMES):
+            raise self.state_error("stats", f"{len(state.stats)} entries (at most one a tag)")
+        tags = [tag for tag, _ in state.stats]
+        for tag, value in state.stats:
+            if tag not in STAT_NAMES:
+                raise self.state_error("stats", f"tag {tag} is not one the device keeps")
+            if not 0 <= value < 1 << 64:
+                raise self.state_error("stats", f"value {value} of tag {tag} is not a u64")
+        if len(set(tags)) != len(tags):
+            raise self.state_error("stats", "a tag twice")
+        if state.stats_head is not None:
+            self.check_heads("stats_head", (state.stats_head,), STATS_QUEUE)
+        interval = state.stats_interval_ms
+        if not 0 <= interval <= MAX_STATS_INTERVAL * 1000:
+            raise self.state_error(
+                "stats_interval_ms", f"{interval} is not from 0 to {MAX_STATS_INTERVAL * 1000:.0f}"
+            )
+        # Checked: the host's side takes effect now, the held buffer once the device runs.
+        self._num_pages = state.target_pages
+        self._actual = state.actual_pages
+        self._stats = {STAT_NAMES[tag]: value for tag, value in state.stats}
+        self._stats_time = time.monotonic() if state.stats else None
+        self._stats_interval = interval / 1000
+        self._restored = state
 
     def process(self, queue: Virtqueue) -> None:
         role = self._roles.get(queue.index)
@@ -263,7 +347,7 @@ class Balloon(VirtioDevice):
             # The host kept the pages (madvise refused): the request is done all the same,
             # the VM only holds more host memory than it could.
             log.warning("%s: %s", self.name, error)
-        queue.push(chain.head, 0)
+        queue.use(chain, 0)
 
     def _pfns(self, chain: Chain) -> list[int]:
         size = chain.readable_len

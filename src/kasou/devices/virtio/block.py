@@ -180,7 +180,7 @@ class Block(VirtioDevice):
 
     def process(self, queue: Virtqueue) -> None:
         for chain in self.chains(queue):
-            queue.push(chain.head, self._serve(chain))
+            queue.use(chain, self._serve(chain))
         self.signal(queue)
 
     def _serve(self, chain: Chain) -> int:

@@ -32,6 +32,13 @@ or with an event the driver may not send is ignored (and counted); a control rec
 buffer too short for a message is returned unused; a transmit chain larger than
 ``MAX_CHAIN`` or with device-writable buffers fails that chain only.
 
+Snapshots (``ConsoleState``): console input not yet given to the guest, the chains the
+device holds (their heads, by queue), control messages waiting for a buffer and the
+handshake's progress. Port 1's client is the host's and is not saved: after a restore the
+port has no client until one connects, and a guest that was told the host end was open is
+told it closed (PORT_OPEN 0); transmit chains held for the old client are dropped as they
+are for none.
+
 Threads: the queues, the socket and the timers run on the device's reactor;
 ``enqueue_input`` and ``counters`` may come from any thread; config writes (emerg_wr) from
 vCPU threads.
@@ -47,6 +54,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +62,7 @@ from kasou.devices.virtio.device import Reactor, VirtioDevice
 from kasou.devices.virtio.queue import Chain, ChainError, Virtqueue, split_views
 from kasou.devices.virtio.spec import DeviceType
 from kasou.event.unix import listen_unix
+from kasou.persist import encode_state
 
 __all__ = [
     "F_EMERG_WRITE",
@@ -62,6 +71,7 @@ __all__ = [
     "MAX_CHAIN",
     "PORT1_NAME",
     "Console",
+    "ConsoleState",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,8 +110,40 @@ MAX_CHAIN = 1 << 20
 """The most bytes one transmit chain may carry (Linux sends at most 32 KiB a write)."""
 CONTROL_BACKLOG = 64
 """Control messages waiting for a receive buffer, at most (the handshake needs six)."""
+_MAX_CONTROL_MESSAGE = _CONTROL.size + len(PORT1_NAME)  # PORT_NAME is the longest
 _IOV_MAX = 1024  # buffers one sendmsg/recvmsg may take (limits.h IOV_MAX)
 _SEND_FLAGS = getattr(sockets, "MSG_NOSIGNAL", 0)
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """A virtio console as saved. Field names are a snapshot format contract.
+
+    ``input``: console input waiting for the guest; ``*_heads``: the chains the device holds
+    on each of those queues, oldest first; ``tx_offset``: bytes of the first held port 1
+    transmit chain already sent; ``control``: control messages waiting for a buffer, in
+    order; ``device_ready``, ``port_ready``, ``guest_open``: the handshake (§5.3.6.2);
+    ``host_open``: whether the guest was told port 1's host end is open."""
+
+    input: bytes
+    port0_rx_heads: tuple[int, ...]
+    control_rx_heads: tuple[int, ...]
+    port1_rx_heads: tuple[int, ...]
+    port1_tx_heads: tuple[int, ...]
+    tx_offset: int
+    control: tuple[bytes, ...]
+    device_ready: bool
+    port_ready: tuple[bool, bool]
+    guest_open: tuple[bool, bool]
+    host_open: bool
+
+
+_HELD_FIELDS = (
+    (PORT0_RX, "port0_rx_heads"),
+    (CONTROL_RX, "control_rx_heads"),
+    (PORT1_RX, "port1_rx_heads"),
+    (PORT1_TX, "port1_tx_heads"),
+)
 
 
 class Console(VirtioDevice):
@@ -133,6 +175,7 @@ class Console(VirtioDevice):
         self._port_ready: list[bool]
         self._guest_open: list[bool]
         self._new_session()
+        self._restored: ConsoleState | None = None  # from ``load_state``, for ``on_activate``
         self.figures = {
             "output_bytes": 0,
             "input_bytes": 0,
@@ -206,12 +249,80 @@ class Console(VirtioDevice):
 
     def on_activate(self) -> None:
         self._new_session()
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            self._take_back(restored)
         self._update_client()
 
     def on_reset(self) -> None:
         # On the vCPU thread: the chains held belong to rings the driver is tearing down;
         # the reactor forgets them (before a later activation starts, as it keeps order).
+        self._restored = None
         self.reactor.call_soon(self._forget)
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        with self._input_lock:
+            waiting = bytes(self._input)
+        session = self.active  # a stopped device's session is being forgotten
+        held = {index: tuple(chain.head for chain in self._held[index]) for index in self._held}
+
+        def heads(index: int) -> tuple[int, ...]:
+            return held[index] if session else ()
+
+        state = ConsoleState(
+            input=waiting,
+            port0_rx_heads=heads(PORT0_RX),
+            control_rx_heads=heads(CONTROL_RX),
+            port1_rx_heads=heads(PORT1_RX),
+            port1_tx_heads=heads(PORT1_TX),
+            tx_offset=self._tx_offset if session and held[PORT1_TX] else 0,
+            control=tuple(self._control) if session else (),
+            device_ready=session and self._device_ready,
+            port_ready=(session and self._port_ready[0], session and self._port_ready[1]),
+            guest_open=(session and self._guest_open[0], session and self._guest_open[1]),
+            host_open=session and self._port_ready[1] and self._client is not None,
+        )
+        return encode_state(state)
+
+    def load_state(self, data: bytes) -> None:
+        state = self.decode_state(data, ConsoleState)
+        if len(state.input) > INPUT_LIMIT:
+            raise self.state_error("input", f"{len(state.input)} bytes (at most {INPUT_LIMIT})")
+        for index, field in _HELD_FIELDS:
+            self.check_heads(field, getattr(state, field), index)
+        if not 0 <= state.tx_offset <= (MAX_CHAIN if state.port1_tx_heads else 0):
+            raise self.state_error("tx_offset", f"{state.tx_offset} for the chains held")
+        if len(state.control) > CONTROL_BACKLOG:
+            raise self.state_error(
+                "control", f"{len(state.control)} messages (at most {CONTROL_BACKLOG})"
+            )
+        for message in state.control:
+            if not _CONTROL.size <= len(message) <= _MAX_CONTROL_MESSAGE:
+                raise self.state_error("control", f"a message of {len(message)} bytes")
+        if not state.device_ready and any(state.port_ready):
+            raise self.state_error("port_ready", "a port ready before the device was")
+        with self._input_lock:
+            self._input[:] = state.input
+        self._restored = state
+
+    def _take_back(self, state: ConsoleState) -> None:
+        """The session as it was at the snapshot (on the reactor, once the device is live)."""
+        for index, field in _HELD_FIELDS:
+            queue = self.queues[index] if index < len(self.queues) else None
+            if queue is not None and queue.live:
+                self._held[index].extend(self.held_chains(queue, getattr(state, field)))
+        held_tx = self._held[PORT1_TX]
+        self._tx_offset = min(state.tx_offset, held_tx[0].readable_len) if held_tx else 0
+        self._control.extend(state.control)
+        self._device_ready = state.device_ready
+        self._port_ready = list(state.port_ready)
+        self._guest_open = list(state.guest_open)
+        # Port 1's client is not the one the guest was told of: tell it what is there now.
+        connected = self._client is not None
+        if self._port_ready[1] and connected != state.host_open:
+            self._send_control(1, PORT_OPEN, int(connected))
 
     def _forget(self) -> None:
         self._new_session()
@@ -260,10 +371,10 @@ class Console(VirtioDevice):
                     self.figures["output_bytes"] += len(data)
                     if data:
                         self._output(data)
-                    queue.push(chain.head, 0)
+                    queue.use(chain, 0)
             else:
                 self._control_message(chain)
-                queue.push(chain.head, 0)
+                queue.use(chain, 0)
         self.signal(queue)
 
     def _pop(self, queue: Virtqueue) -> Chain | None:
@@ -350,7 +461,7 @@ class Console(VirtioDevice):
                 # A buffer the message does not fit: returned empty, the message waits.
                 self.bad_chain(queue, ChainError(chain.head, "a control buffer too short"))
                 continue
-            queue.push(chain.head, chain.write(message))
+            queue.use(chain, chain.write(message))
             self._control.popleft()
         self.signal(queue)
 
@@ -369,7 +480,7 @@ class Console(VirtioDevice):
                 written = chain.write(memoryview(self._input)[: chain.writable_len])
                 del self._input[:written]
                 self.figures["input_bytes"] += written
-                queue.push(chain.head, written)
+                queue.use(chain, written)
         self.signal(queue)
 
     # --- port 1: the socket -------------------------------------------------------------
@@ -449,7 +560,7 @@ class Console(VirtioDevice):
                 self._drop_client()  # the client hung up; the buffer waits for the next
                 break
             held.popleft()
-            queue.push(chain.head, count)
+            queue.use(chain, count)
             self.figures["port1_to_guest_bytes"] += count
         self.signal(queue)
 
@@ -481,6 +592,6 @@ class Console(VirtioDevice):
                     continue
             held.popleft()
             self._tx_offset = 0
-            queue.push(chain.head, 0)
+            queue.use(chain, 0)
         self.signal(queue)
         self._update_client()

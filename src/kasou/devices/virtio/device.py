@@ -11,6 +11,16 @@ activation, registers each queue's notifier (an eventfd that KVM signals for the
 QueueNotify write: ioeventfd) and its own backend fds there. Used buffers reach the guest
 through ``Interrupt`` (an irqfd behind it). So a doorbell never wakes Python on a vCPU.
 
+Snapshots. The transport saves and restores what every device has (registers, queues);
+``save_state`` and ``load_state`` carry what a device keeps beyond that, as a frozen
+dataclass of plain data encoded by ``kasou.persist``. A snapshot is untrusted input, so
+``load_state`` checks every field and raises ``SnapshotError`` naming the device and the
+field, before it changes anything. What belongs to one activation (chains the device held,
+a handshake's progress) waits in the device until ``on_activate`` takes it back; a device the
+restore does not start drops it in ``on_reset``. Chains a device held are saved as their
+heads and walked again (``Virtqueue.walk``); a head that no longer makes a chain goes back
+to the driver unused, as any malformed chain does.
+
 Faults. A malformed chain fails that request (``bad_chain`` returns it to the driver
 unused); a driver that keeps sending them, or that breaks a ring, gets the device marked
 NEEDS_RESET (§2.1.2) and the device stops until the driver resets it. A backend failure
@@ -24,11 +34,13 @@ import logging
 import os
 import select
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from kasou.devices.virtio.queue import Chain, ChainError, RingError, Virtqueue
 from kasou.devices.virtio.spec import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, DeviceType
+from kasou.errors import SnapshotError
 from kasou.memory import GuestMemory
+from kasou.persist import decode_state
 
 __all__ = ["BAD_CHAIN_LIMIT", "Interrupt", "Reactor", "VirtioDevice"]
 
@@ -36,6 +48,8 @@ log = logging.getLogger(__name__)
 
 BAD_CHAIN_LIMIT = 64
 """Malformed chains a device forgives between two resets before it goes NEEDS_RESET."""
+
+S = TypeVar("S")
 
 
 class Reactor(Protocol):
@@ -126,6 +140,60 @@ class VirtioDevice:
         self._generation += 1  # a start still queued on the reactor does nothing
         self._unwatch(self._watched)
         self._watched = []
+
+    # --- snapshots (the device quiesced: its reactor parked, the vCPUs paused) ------------
+
+    def save_state(self) -> bytes | None:
+        """What the device keeps beyond the transport's state, encoded with
+        ``kasou.persist.encode_state``; ``None`` (the default) when it keeps nothing. Cannot
+        fail."""
+        return None
+
+    def load_state(self, data: bytes) -> None:
+        """Take back what ``save_state`` returned, on a freshly built device, before the
+        transport starts it again. Raises ``SnapshotError`` naming the device and the field,
+        having changed nothing."""
+        raise SnapshotError(
+            f"{self.name}: the snapshot has {len(data)} bytes of device state, but this device "
+            "keeps none: the snapshot is damaged or was taken of another kind of device"
+        )
+
+    def decode_state(self, data: bytes, kind: type[S]) -> S:
+        """``data`` decoded as a ``kind`` (shape and types checked; ``SnapshotError``)."""
+        return decode_state(data, kind, what=self.name)
+
+    def state_error(self, field: str, problem: str) -> SnapshotError:
+        """The error for a saved device state whose ``field`` is wrong."""
+        return SnapshotError(
+            f"{self.name}: saved device state: {field}: {problem}: the snapshot is damaged"
+        )
+
+    def check_heads(self, field: str, heads: Sequence[int], queue: int) -> None:
+        """Refuse (``state_error``) a saved list of held chains that cannot be: a head that
+        is not a descriptor index of queue ``queue`` at its largest, or one head twice."""
+        limit = self.queue_sizes[queue]
+        for head in heads:
+            if not 0 <= head < limit:
+                raise self.state_error(field, f"head {head} is not below the queue's {limit}")
+        if len(set(heads)) != len(heads):
+            raise self.state_error(field, "a head held twice")
+
+    def held_chains(self, queue: Virtqueue, heads: Sequence[int]) -> list[Chain]:
+        """The chains at ``heads`` walked again (on the reactor, once the device is live);
+        one that is malformed now goes back to the driver unused, and a head the restored
+        queue is too small for is dropped (it cannot be the driver's)."""
+        chains = []
+        for head in heads:
+            if head >= queue.size:
+                log.warning(
+                    "%s: held head %d is beyond queue %d; dropped", self.name, head, queue.index
+                )
+                continue
+            try:
+                chains.append(queue.walk(head))
+            except ChainError as error:
+                self.bad_chain(queue, error.with_traceback(None))
+        return chains
 
     # --- for subclasses -----------------------------------------------------------------
 

@@ -16,6 +16,19 @@ The driver's writes are untrusted: control registers take only aligned 32-bit ac
 ready and the driver is not running; FEATURES_OK sticks only for a subset of what the device
 offers that includes VERSION_1 (§2.2, §6.1); status bits never go back but through a reset;
 a bad queue configuration at DRIVER_OK marks the device NEEDS_RESET instead of starting it.
+
+Snapshots. ``save`` returns a ``VirtioMmioState``: the registers, each queue's
+``VirtqueueState`` and the device's own state (``VirtioDevice.save_state``). ``restore`` puts
+one into a freshly built transport of the same kind of device, before the vCPUs run. The
+state is untrusted, so it is checked whole before anything changes: the device type, every
+register within its width, a status the state machine can reach (FEATURES_OK only with a
+subset of the offered features that includes VERSION_1, DRIVER_OK only after FEATURES_OK, a
+failure's reason only with NEEDS_RESET), and, for a running device (DRIVER_OK, no failure),
+every ready queue through ``Virtqueue.check``; a failure is a ``SnapshotError`` naming the
+device and the field.
+A running device is then started as at DRIVER_OK, with its rings' indexes where they were;
+on its reactor every live queue is served once (the driver may have made buffers available
+after the device last looked) and a pending interrupt is raised again.
 """
 
 from __future__ import annotations
@@ -23,10 +36,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 from kasou.devices.trigger import Trigger
-from kasou.devices.virtio.device import VirtioDevice
-from kasou.devices.virtio.queue import QueueError, Virtqueue
+from kasou.devices.virtio.device import BAD_CHAIN_LIMIT, VirtioDevice
+from kasou.devices.virtio.queue import U32, U64, QueueError, Virtqueue, VirtqueueState
 from kasou.devices.virtio.spec import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
@@ -38,9 +52,10 @@ from kasou.devices.virtio.spec import (
     Reg,
     Status,
 )
+from kasou.errors import SnapshotError
 from kasou.memory import GuestMemory
 
-__all__ = ["MMIO_SIZE", "NOTIFY_OFFSET", "VirtioMmio"]
+__all__ = ["MMIO_SIZE", "NOTIFY_OFFSET", "VirtioMmio", "VirtioMmioState"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +63,31 @@ MMIO_SIZE = 0x1000
 """Bytes of MMIO space one transport takes: registers, then the config space at 0x100."""
 
 NOTIFY_OFFSET = int(Reg.QUEUE_NOTIFY)
+
+MAX_REASON = 4096
+"""The longest NEEDS_RESET reason a snapshot keeps (characters; a longer one is cut)."""
+
+
+@dataclass(frozen=True)
+class VirtioMmioState:
+    """One virtio-mmio transport as saved. Field names are a snapshot format contract.
+
+    ``device_type`` is the virtio device id (§5); ``status`` the device status (§2.1);
+    ``interrupt_status`` the InterruptStatus bits not yet acknowledged; ``broken`` why the
+    device went NEEDS_RESET, if it did; ``device`` the device's own state
+    (``VirtioDevice.save_state``)."""
+
+    device_type: int
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    interrupt_status: int
+    config_generation: int
+    broken: str | None
+    queues: tuple[VirtqueueState, ...]
+    device: bytes | None
 
 
 class VirtioMmio:
@@ -107,6 +147,165 @@ class VirtioMmio:
             self.interrupt_status |= bit
         self.interrupts += 1
         self._trigger.trigger()
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def save(self) -> VirtioMmioState:
+        """The transport, its queues and its device as they stand (the VM paused, the
+        device's reactor parked)."""
+        with self._irq_lock:
+            interrupt_status = self.interrupt_status
+        broken = self.device.broken
+        return VirtioMmioState(
+            device_type=int(self.device.device_type),
+            status=int(self.status),
+            device_features_sel=self.device_features_sel,
+            driver_features_sel=self.driver_features_sel,
+            driver_features=self.driver_features,
+            queue_sel=self.queue_sel,
+            interrupt_status=interrupt_status,
+            config_generation=self.config_generation,
+            broken=None if broken is None else broken[:MAX_REASON],
+            queues=tuple(queue.save() for queue in self.queues),
+            device=self.device.save_state(),
+        )
+
+    def restore(self, state: VirtioMmioState) -> None:
+        """Take back a saved transport (see the module's docstring). Raises
+        ``SnapshotError`` naming the device and the field; nothing is changed then."""
+        name = self.device.name
+        if self.status or self.device.active or any(queue.ready for queue in self.queues):
+            raise SnapshotError(
+                f"{name}: a snapshot is restored only into a freshly built device, and this "
+                "one has been set up by a driver"
+            )
+        problem = self._check_state(state)
+        if problem:
+            raise SnapshotError(
+                f"{name}: saved virtio-mmio state: {problem}: the snapshot is damaged or was "
+                "taken of a VM with other devices"
+            )
+        if state.device is not None:
+            self.device.load_state(state.device)
+        # Checked: from here nothing fails.
+        status = Status(state.status)
+        running = _running(state)
+        features = state.driver_features
+        for queue, saved in zip(self.queues, state.queues, strict=True):
+            queue.restore(
+                saved,
+                self._memory,
+                live=running and saved.ready,
+                event_idx=bool(features & F_EVENT_IDX),
+                indirect=bool(features & F_INDIRECT_DESC),
+            )
+        self.status = status
+        self.device_features_sel = state.device_features_sel
+        self.driver_features_sel = state.driver_features_sel
+        self.driver_features = features
+        self.queue_sel = state.queue_sel
+        self.config_generation = state.config_generation
+        with self._irq_lock:
+            self.interrupt_status = state.interrupt_status
+        self.device.driver_features = features
+        self.device.broken = state.broken
+        if not running:
+            # Nothing to serve until the driver sets DRIVER_OK (after a reset, if the device
+            # is NEEDS_RESET): what ``load_state`` kept for an activation goes.
+            self.device.on_reset()
+            return
+        # transport restored --DRIVER_OK--> the device serves its queues again.
+        self.device.activate(self._memory, self.queues, self.notifiers, self, features)
+        pass
+
+    def _resume(self) -> None:
+        """On the device's reactor, after its activation: serve every live queue once and
+        raise a pending interrupt again (its edge may not have reached the guest before the
+        snapshot)."""
+        device = self.device
+        for queue in self.queues:
+            if device.active and queue.live:
+                device.run_queue(queue)
+        with self._irq_lock:
+            pending = self.interrupt_status
+        if pending:
+            self._trigger.trigger()
+
+    def _check_state(self, state: VirtioMmioState) -> str:
+        """What is wrong with ``state`` for this transport, as "field: problem", or ""."""
+        device = self.device
+        kind = state.device_type
+        if type(kind) is not int or kind != device.device_type:
+            return (
+                f"device_type: {kind!r}, but this is a {device.device_type.name.lower()} "
+                f"device ({int(device.device_type)})"
+            )
+        for field, top in (
+            ("status", U32),
+            ("device_features_sel", U32),
+            ("driver_features_sel", U32),
+            ("driver_features", U64),
+            ("queue_sel", U32),
+            ("interrupt_status", int(Interrupt.USED_BUFFER | Interrupt.CONFIG_CHANGE)),
+            ("config_generation", U32),
+        ):
+            value = getattr(state, field)
+            if type(value) is not int or not 0 <= value <= top:
+                return f"{field}: {value!r} is not a number from 0 to {top:#x}"
+        broken = state.broken
+        if broken is not None and (type(broken) is not str or len(broken) > MAX_REASON):
+            return f"broken: not a reason of at most {MAX_REASON} characters"
+        if state.device is not None and type(state.device) is not bytes:
+            return "device: not bytes"
+        problem = self._check_status(state)
+        if problem:
+            return problem
+        queues = state.queues
+        if not isinstance(queues, tuple) or len(queues) != len(self.queues):
+            count = len(queues) if isinstance(queues, tuple) else queues
+            return f"queues: {count!r} saved, but this device has {len(self.queues)}"
+        running = _running(state)
+        for queue, saved in zip(self.queues, queues, strict=True):
+            where = f"queues[{queue.index}]"
+            if not isinstance(saved, VirtqueueState):
+                return f"{where}: not a queue's state"
+            problem = Virtqueue.check_state(saved, BAD_CHAIN_LIMIT)
+            if problem:
+                return f"{where}.{problem}"
+            if running and saved.ready:
+                # The driver started the device with this queue: it passed ``activate``.
+                probe = Virtqueue(queue.index, queue.max_size)
+                probe.size, probe.desc_addr = saved.size, saved.desc_addr
+                probe.avail_addr, probe.used_addr = saved.avail_addr, saved.used_addr
+                try:
+                    probe.check(self._memory)
+                except QueueError as error:
+                    return f"{where}: {error}"
+        return ""
+
+    def _check_status(self, state: VirtioMmioState) -> str:
+        """Whether the driver could have brought the status there (``_write_status``): bits
+        only ever added, each step allowed by the one before (§3.1.1, §2.1.2). Unknown bits
+        and NEEDS_RESET itself are the driver's to write, and are taken."""
+        status, features = state.status, state.driver_features
+        if features and not status & Status.DRIVER:
+            return f"driver_features: {features:#x} without the DRIVER status bit"
+        if status & Status.FEATURES_OK:
+            offered = self.device.device_features
+            if features & ~offered:
+                return (
+                    f"driver_features: {features:#x} has bits {features & ~offered:#x} this "
+                    "device does not offer"
+                )
+            if not features & F_VERSION_1:
+                return f"driver_features: {features:#x} lacks VERSION_1 under FEATURES_OK"
+        if status & Status.DRIVER_OK and not status & Status.FEATURES_OK:
+            return f"status: {status:#x} has DRIVER_OK without FEATURES_OK"
+        # Once started, only a failure sets a reason, and it sets NEEDS_RESET with it.
+        failed = status & Status.DRIVER_OK and state.broken is not None
+        if failed and not status & Status.NEEDS_RESET:
+            return f"status: {status:#x} lacks NEEDS_RESET for a device that failed"
+        return ""
 
     # --- the bus ------------------------------------------------------------------------
 
@@ -254,6 +453,13 @@ class VirtioMmio:
             self.needs_reset(str(error))
             return
         self.device.activate(self._memory, self.queues, self.notifiers, self, features)
+
+
+def _running(state: VirtioMmioState) -> bool:
+    """Whether the saved device was serving: the driver set DRIVER_OK, and neither its
+    activation nor anything since failed (a failure leaves its reason in ``broken``, which
+    only the next activation clears)."""
+    return bool(state.status & Status.DRIVER_OK) and state.broken is None
 
 
 # Queue address registers: (Virtqueue attribute, whether it is the high half).

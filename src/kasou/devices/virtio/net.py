@@ -32,6 +32,11 @@ queue meanwhile and the kernel drops them when that is full, as a NIC does.
 
 Work runs on the device's reactor in batches: up to ``BATCH`` frames a turn each way, one
 interrupt a batch, and the rest in a later turn so other devices of the VM get theirs.
+
+Snapshots (``NetState``): what the device holds between two reactor turns is saved: the
+receive chains it popped and has not used, a transmit chain the TAP pushed back, and a frame
+waiting in the bounce buffer for receive chains. Nothing else is buffered in Python. The TAP
+is the host's and is not saved: frames in its queue at the snapshot stay with the old TAP.
 """
 
 from __future__ import annotations
@@ -43,14 +48,16 @@ import os
 import select
 import struct
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kasou.devices.virtio.device import Reactor, VirtioDevice
 from kasou.devices.virtio.queue import Chain, ChainError, RingError, Virtqueue, scatter
 from kasou.devices.virtio.spec import DeviceType
 from kasou.errors import ConfigError, KasouError
+from kasou.persist import encode_state
 
-__all__ = ["HEADER_SIZE", "MAX_FRAME", "Net", "NetBackend", "mac_for"]
+__all__ = ["HEADER_SIZE", "MAX_FRAME", "Net", "NetBackend", "NetState", "mac_for"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,19 @@ IOV_MAX = 1024  # UIO_MAXIOV: the most buffers one readv/writev takes
 _DONE = 0  # a frame was delivered (or dropped): go on
 _EMPTY = 1  # the TAP has nothing to read
 _NO_BUFFERS = 2  # the driver posted no (or not enough) buffers
+
+
+@dataclass(frozen=True)
+class NetState:
+    """What a virtio-net device held at a snapshot. Field names are a format contract.
+
+    ``rx_heads``: receive chains popped and not yet used, oldest first; ``tx_head``: the
+    transmit chain the TAP pushed back, if any; ``rx_frame``: a frame (with its virtio-net
+    header) read from the TAP and waiting for receive chains, or empty."""
+
+    rx_heads: tuple[int, ...]
+    tx_head: int | None
+    rx_frame: bytes
 
 
 class NetBackend(Protocol):
@@ -204,6 +224,7 @@ class Net(VirtioDevice):
         # the device again (``active`` is already back on) must not use that state.
         self._live = False
         self._warned_down = False
+        self._restored: NetState | None = None  # from ``load_state``, for ``on_activate``
         self._reset_datapath()
 
     # --- config space and features ------------------------------------------------------
@@ -243,6 +264,48 @@ class Net(VirtioDevice):
 
     def on_reset(self) -> None:
         self._live = False
+        self._restored = None
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        serving = self._serving()
+        state = NetState(
+            rx_heads=tuple(chain.head for chain in self._held) if serving else (),
+            tx_head=(self._tx_pending.head if serving and self._tx_pending is not None else None),
+            rx_frame=bytes(self._bounce_view[: self._pending_len]) if serving else b"",
+        )
+        return encode_state(state)
+
+    def load_state(self, data: bytes) -> None:
+        state = self.decode_state(data, NetState)
+        self.check_heads("rx_heads", state.rx_heads, RX)
+        tx_head = state.tx_head
+        if tx_head is not None and not 0 <= tx_head < QUEUE_SIZE:
+            raise self.state_error("tx_head", f"{tx_head} is not below the queue's {QUEUE_SIZE}")
+        frame = len(state.rx_frame)
+        if frame and not HEADER_SIZE + 14 <= frame <= HEADER_SIZE + MAX_FRAME:
+            raise self.state_error(
+                "rx_frame", f"{frame} bytes (a header and a frame of 14 to {MAX_FRAME} bytes)"
+            )
+        self._restored = state
+
+    def _take_back(self, state: NetState) -> None:
+        """Hold again what the device held at the snapshot (on the reactor, once live)."""
+        rx, tx = self.queues[RX], self.queues[TX]
+        if rx.live:
+            for chain in self.held_chains(rx, state.rx_heads):
+                if chain.writable_len < HEADER_SIZE:
+                    rx.push(chain.head, 0)  # as ``_take`` does: it cannot hold a frame
+                    continue
+                self._held.append(chain)
+                self._held_bytes += chain.writable_len
+        if tx.live and state.tx_head is not None:
+            for chain in self.held_chains(tx, (state.tx_head,)):
+                self._tx_pending = chain
+        if state.rx_frame:
+            self._bounce[: len(state.rx_frame)] = state.rx_frame
+            self._pending_len = len(state.rx_frame)
 
     def _serving(self) -> bool:
         return self.active and self._live
@@ -279,7 +342,11 @@ class Net(VirtioDevice):
             allowed |= {kind | GSO_ECN for kind in allowed if kind != GSO_NONE}
         self._tx_gso = frozenset(allowed)
         self._live = True
-        self._set_watch(rx=True, tx=False)
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            self._take_back(restored)
+        # A transmit chain taken back waits for the TAP to be writable, as it did.
+        self._set_watch(rx=True, tx=self._tx_pending is not None)
 
     def _set_watch(self, *, rx: bool, tx: bool) -> None:
         """Register the TAP's fd for what the device waits on now (the loop has no modify,
@@ -358,7 +425,7 @@ class Net(VirtioDevice):
                         self.stats["tx_waits"] += 1
                         self._set_watch(rx=self._want_in, tx=True)
                         return
-                    queue.push(chain.head, 0)
+                    queue.use(chain, 0)
                     sent += 1
                 if sent >= BATCH:
                     self._continue_later()
@@ -496,7 +563,7 @@ class Net(VirtioDevice):
         """Return the first held chain to the driver with ``length`` bytes written."""
         chain = self._held.popleft()
         self._held_bytes -= chain.writable_len
-        queue.push(chain.head, length)
+        queue.use(chain, length)
 
     def _receive_one(self, queue: Virtqueue) -> int:
         if self._pending_len:

@@ -19,7 +19,19 @@ Every field the driver writes is untrusted. What is checked, and what follows:
   before device-writable ones (§2.7.4.2): otherwise ``ChainError`` naming the head, which the
   device returns to the driver unused and fails that request only.
 
-Buffers are handed out as zero-copy ``memoryview``s of guest RAM. Barriers: x86 keeps
+Buffers are handed out as zero-copy ``memoryview``s of guest RAM, and a chain remembers
+where its device-writable buffers are: ``use`` marks them written
+(``GuestMemory.mark_written``) when the chain goes back, with the used ring's element and
+index, so a diff snapshot or a migration round sees every byte the device wrote. The used
+ring's flags and ``avail_event``, which the device writes too, are marked where they change.
+
+Snapshots: ``save`` returns the queue's registers and the device's side of the rings (the
+indexes, kept outside guest RAM) as a ``VirtqueueState``; ``restore`` takes one back, through
+the same checks as ``activate``. A device that holds popped chains saves their heads and gets
+them back with ``walk`` (the driver does not touch a descriptor it made available until the
+device has used it, so the table still describes the chain).
+
+Barriers: x86 keeps
 loads in order and stores in order; where a store must be seen before a later load (the
 used index before reading ``used_event``, ``avail_event`` before re-reading the available
 index) a lock round trip serves as the full fence (a locked instruction on x86).
@@ -29,6 +41,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from kasou.devices.virtio.spec import (
     AVAIL_F_NO_INTERRUPT,
@@ -50,6 +63,7 @@ __all__ = [
     "QueueError",
     "RingError",
     "Virtqueue",
+    "VirtqueueState",
     "gather",
     "scatter",
     "split_views",
@@ -84,9 +98,10 @@ class ChainError(GuestError):
 
 
 class Chain:
-    """One descriptor chain: the buffers the device reads, then those it writes."""
+    """One descriptor chain: the buffers the device reads, then those it writes, and where
+    the writable ones are in guest RAM (``(gpa, size)`` each, for dirty tracking)."""
 
-    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
+    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len", "written_at")
 
     def __init__(
         self,
@@ -95,12 +110,14 @@ class Chain:
         writable: list[memoryview],
         readable_len: int,
         writable_len: int,
+        written_at: list[tuple[int, int]] | None = None,
     ) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
         self.readable_len = readable_len
         self.writable_len = writable_len
+        self.written_at = written_at if written_at is not None else []
 
     def read(self, size: int | None = None, offset: int = 0) -> bytes:
         """Copy ``size`` bytes (all by default) of the readable buffers from ``offset``."""
@@ -150,6 +167,32 @@ def scatter(views: Sequence[memoryview], offset: int, data: bytes | bytearray | 
     return done
 
 
+U16 = 0xFFFF
+U32 = 0xFFFF_FFFF
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class VirtqueueState:
+    """One queue as saved: the driver's registers and the device's ring indexes.
+
+    Field names are a snapshot format contract. ``last_avail_idx`` is the next available
+    entry the device reads, ``used_idx`` the used index it published, ``signalled_idx`` the
+    used index when it last decided on an interrupt (§2.7.10 compares against it);
+    ``bad_chains`` counts toward ``BAD_CHAIN_LIMIT``. Everything else of the rings (entries,
+    flags, ``used_event``, ``avail_event``) is in guest RAM."""
+
+    ready: bool
+    size: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    last_avail_idx: int
+    used_idx: int
+    signalled_idx: int
+    bad_chains: int
+
+
 class Virtqueue:
     """One split virtqueue, configured by the transport, driven by its device."""
 
@@ -189,22 +232,33 @@ class Virtqueue:
                 view.release()
         self.live = False
 
-    def activate(self, memory: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
-        """Check the driver's configuration and map the rings (when the driver sets
-        DRIVER_OK). Raises ``QueueError``."""
+    def check(self, memory: GuestMemory) -> None:
+        """Raise ``QueueError`` unless the driver's configuration can go live: the size a
+        power of two up to the maximum, each ring aligned (§2.7: descriptor table 16 bytes,
+        available ring 2, used ring 4) and wholly inside guest RAM. Changes nothing."""
         size = self.size
         if size < 1 or size > self.max_size or size & (size - 1):
             raise QueueError(
                 f"queue {self.index}: size {size} is not a power of two up to {self.max_size}"
             )
-        # §2.7: descriptor table 16-byte aligned, available ring 2, used ring 4.
-        for name, address, align in (
-            ("descriptor table", self.desc_addr, 16),
-            ("available ring", self.avail_addr, 2),
-            ("used ring", self.used_addr, 4),
+        for name, address, align, length in (
+            ("descriptor table", self.desc_addr, 16, DESC_SIZE * size),
+            ("available ring", self.avail_addr, 2, 6 + 2 * size),
+            ("used ring", self.used_addr, 4, 6 + 8 * size),
         ):
             if address % align:
                 raise QueueError(f"queue {self.index}: {name} at {address:#x} is not aligned")
+            if not memory.contains(address, length):
+                raise QueueError(
+                    f"queue {self.index}: the {name} at {address:#x}+{length:#x} is outside "
+                    "guest RAM"
+                )
+
+    def activate(self, memory: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
+        """Check the driver's configuration and map the rings (when the driver sets
+        DRIVER_OK). Raises ``QueueError``."""
+        self.check(memory)
+        size = self.size
         self.release()
         try:
             self._memory = memory
@@ -217,6 +271,7 @@ class Virtqueue:
         self._used16 = used.cast("H")
         self._used_event_at = 2 + size  # virtq_avail.used_event, in u16 units
         self._avail_event_at = 2 + 4 * size  # virtq_used.avail_event, in u16 units
+        self._avail_event_gpa = self.used_addr + 4 + 8 * size
         self.event_idx = event_idx
         self.indirect = indirect
         # Both indexes start at 0 after a reset (§2.7.13.1, §2.7.14): the driver zeroed its
@@ -225,6 +280,80 @@ class Virtqueue:
         self.used_idx = 0
         self._signalled = 0
         self.live = True
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def save(self) -> VirtqueueState:
+        """The queue as it stands (the device quiesced: its reactor parked)."""
+        return VirtqueueState(
+            ready=self.ready,
+            size=self.size,
+            desc_addr=self.desc_addr,
+            avail_addr=self.avail_addr,
+            used_addr=self.used_addr,
+            last_avail_idx=self.last_avail,
+            used_idx=self.used_idx,
+            signalled_idx=self._signalled,
+            bad_chains=self.bad_chains,
+        )
+
+    @staticmethod
+    def check_state(state: VirtqueueState, bad_chain_limit: int) -> str:
+        """Why ``state`` cannot be any queue's, as "field: problem", or "" when it can be.
+
+        Every field the driver can set takes any value it can write (a queue that is not
+        live holds what the driver wrote, checked only when it goes live); the indexes are
+        16 bits; ``bad_chains`` goes one past the limit at most (the device stops there)."""
+        for name, top in (
+            ("size", U32),
+            ("desc_addr", U64),
+            ("avail_addr", U64),
+            ("used_addr", U64),
+            ("last_avail_idx", U16),
+            ("used_idx", U16),
+            ("signalled_idx", U16),
+            ("bad_chains", bad_chain_limit + 1),
+        ):
+            value = getattr(state, name)
+            if type(value) is not int or not 0 <= value <= top:
+                return f"{name}: {value!r} is not a number from 0 to {top}"
+        if type(state.ready) is not bool:
+            return f"ready: {state.ready!r} is not a bool"
+        return ""
+
+    def restore(
+        self,
+        state: VirtqueueState,
+        memory: GuestMemory,
+        *,
+        live: bool,
+        event_idx: bool,
+        indirect: bool,
+    ) -> None:
+        """Take back a saved queue (checked by ``check_state``, and by ``check`` when
+        ``live``): its registers, then, for a queue of a running device, the rings mapped
+        and the indexes where the device left them. Raises ``QueueError`` (nothing changed)."""
+        old = (self.size, self.desc_addr, self.avail_addr, self.used_addr)
+        self.size, self.desc_addr = state.size, state.desc_addr
+        self.avail_addr, self.used_addr = state.avail_addr, state.used_addr
+        try:
+            if live:
+                self.activate(memory, event_idx=event_idx, indirect=indirect)
+        except QueueError:
+            self.size, self.desc_addr, self.avail_addr, self.used_addr = old
+            raise
+        self.ready = state.ready
+        self.last_avail = state.last_avail_idx
+        self.used_idx = state.used_idx
+        self._signalled = state.signalled_idx
+        self.bad_chains = state.bad_chains
+
+    def walk(self, head: int) -> Chain:
+        """The chain at ``head`` again: for a device taking back, after a restore, a chain it
+        had popped and held when the snapshot was taken. Raises ``ChainError``."""
+        if not 0 <= head < self.size:
+            raise ChainError(head, f"is not a descriptor index of a queue of {self.size}")
+        return self._walk(head)
 
     # --- the available side -------------------------------------------------------------
 
@@ -261,6 +390,7 @@ class Virtqueue:
         nested = False
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        written_at: list[tuple[int, int]] = []
         readable_len = writable_len = 0
         while True:
             if index >= limit:
@@ -297,6 +427,7 @@ class Virtqueue:
                     ) from None
                 if flags & VIRTQ_DESC_F_WRITE:
                     writable.append(view)
+                    written_at.append((address, length))
                     writable_len += length
                 elif writable:
                     raise ChainError(head, "a device-readable buffer after a writable one")
@@ -304,18 +435,31 @@ class Virtqueue:
                     readable.append(view)
                     readable_len += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return Chain(head, readable, writable, readable_len, writable_len)
+                return Chain(head, readable, writable, readable_len, writable_len, written_at)
             index = following
 
     # --- the used side ------------------------------------------------------------------
 
+    def use(self, chain: Chain, written: int) -> None:
+        """Return ``chain`` to the driver with ``written`` bytes in its buffers, its writable
+        buffers marked written for dirty tracking (all of them: ``written`` need not be a
+        prefix, virtio-blk's status byte is the last)."""
+        mark = self._memory.mark_written
+        for gpa, size in []:
+            mark(gpa, size)
+        self.push(chain.head, written)
+
     def push(self, head: int, written: int) -> None:
-        """Return chain ``head`` to the driver with ``written`` bytes in its buffers."""
+        """Return chain ``head`` to the driver with ``written`` bytes in its buffers, for a
+        chain whose buffers the device did not write into (``use`` marks them)."""
         slot = self.used_idx % self.size
         USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
         # The element is stored before the index that publishes it (x86 keeps stores in order).
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used16[1] = self.used_idx
+        mark = self._memory.mark_written
+        mark(self.used_addr + 4 + 8 * slot, 8)
+        mark(self.used_addr + 2, 2)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last call
@@ -336,13 +480,16 @@ class Virtqueue:
         """Ask the driver not to notify while the device is already working on the queue."""
         if not self.event_idx:
             self._used16[0] = self._used16[0] | USED_F_NO_NOTIFY
+            self._memory.mark_written(self.used_addr, 2)
 
     def enable_notifications(self) -> bool:
         """Ask for a notification on the next chain; return whether one is already there
         (then the caller goes on working instead of waiting)."""
         if self.event_idx:
             self._used16[self._avail_event_at] = self.last_avail
+            self._memory.mark_written(self._avail_event_gpa, 2)
         else:
             self._used16[0] = self._used16[0] & ~USED_F_NO_NOTIFY
+            self._memory.mark_written(self.used_addr, 2)
         _fence()  # the request is visible before the available index is read again
         return self.has_available()

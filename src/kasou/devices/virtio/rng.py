@@ -36,7 +36,7 @@ class Rng(VirtioDevice):
         for chain in self.chains(queue):
             size = min(chain.writable_len, MAX_REQUEST)
             written = chain.write(os.getrandom(size)) if size else 0
-            queue.push(chain.head, written)
+            queue.use(chain, written)
             self.bytes_served += written
             self.requests += 1
         self.signal(queue)

@@ -7,6 +7,14 @@ the guest's packets and Unix stream sockets. It does not offer SEQPACKET (no
 VIRTIO_VSOCK_F_SEQPACKET), nor guest-to-guest or loopback traffic (the guest kernel keeps
 its own loopback), nor snapshots of live connections.
 
+Snapshots (``VsockState``) keep only the rx and event buffers the device holds. The host
+side of every connection (Unix sockets, credit, queued control packets) is not saved: after
+a restore the device tells a running guest VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (§5.10.6.6) on
+the event queue, as soon as the driver has an event buffer there, and the guest resets every
+connection it had (Linux: ``virtio_vsock_event_handle``); listening sockets stay. So
+connections in flight at a snapshot are reset in the restored VM, as Firecracker's vsock
+does; the VM the snapshot was taken of keeps its own.
+
 The host side:
 
 - host-initiated: kasou listens on ``uds`` from the moment the device is built (a stale
@@ -51,6 +59,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +68,7 @@ from kasou.devices.virtio.queue import Chain, ChainError, Virtqueue, gather, spl
 from kasou.devices.virtio.spec import DeviceType
 from kasou.errors import ConfigError
 from kasou.event.unix import listen_unix
+from kasou.persist import encode_state
 
 __all__ = [
     "BUF_ALLOC",
@@ -69,6 +79,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "Op",
     "Vsock",
+    "VsockState",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +112,8 @@ class Op(enum.IntEnum):
 _HEADER = struct.Struct("<QQIIIHHIII")
 HEADER_SIZE = _HEADER.size
 _CONFIG = struct.Struct("<Q")  # struct virtio_vsock_config: guest_cid (§5.10.4)
+_EVENT = struct.Struct("<I")  # struct virtio_vsock_event: id (§5.10.6.6)
+EVENT_TRANSPORT_RESET = 0  # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
 assert HEADER_SIZE == 44
 
 U32 = 0xFFFFFFFF
@@ -144,6 +157,15 @@ _OPS = frozenset(int(op) for op in Op)
 # The order in which one connection's pending control packets go out: the handshake first,
 # credit next, SHUTDOWN last (it follows every byte of data).
 _CONTROL_ORDER = (Op.REQUEST, Op.RESPONSE, Op.CREDIT_UPDATE, Op.CREDIT_REQUEST, Op.SHUTDOWN)
+
+
+@dataclass(frozen=True)
+class VsockState:
+    """A vsock device as saved: the rx and event buffers it held (their heads, oldest
+    first). Field names are a snapshot format contract."""
+
+    rx_heads: tuple[int, ...]
+    event_heads: tuple[int, ...]
 
 
 class _State(enum.Enum):
@@ -267,6 +289,8 @@ class Vsock(VirtioDevice):
         self._control: deque[_Conn] = deque()
         self._rx_waiters: deque[_Conn] = deque()
         self._rx_pushed = False
+        self._restored: VsockState | None = None  # from ``load_state``, for ``on_activate``
+        self._transport_reset = False  # a TRANSPORT_RESET event waits for an event buffer
         self.stats = {
             "connections_total": 0,
             "host_initiated": 0,
@@ -300,12 +324,54 @@ class Vsock(VirtioDevice):
         }
 
     def on_activate(self) -> None:
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            # A restore: the buffers held at the snapshot are held again, and the guest is
+            # told its connections are gone (the host side of them was not saved).
+            for index, heads, held in (
+                (RX, restored.rx_heads, self._rx_chains),
+                (EVENT, restored.event_heads, self._event_chains),
+            ):
+                if self.queues[index].live:
+                    held.extend(self.held_chains(self.queues[index], heads))
+            self._transport_reset = True
+            self._send_transport_reset()
         self._pump()
 
     def on_reset(self) -> None:
         # On the reset's thread: the connections are the reactor's, so they are closed there
         # (after the base class's ``_stopped``, before any new activation's ``_started``).
+        self._restored = None
         self.reactor.call_soon(self._reset_connections)
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        active = self.active  # a stopped device's buffers are being forgotten
+        state = VsockState(
+            rx_heads=tuple(chain.head for chain in self._rx_chains) if active else (),
+            event_heads=tuple(chain.head for chain in self._event_chains) if active else (),
+        )
+        return encode_state(state)
+
+    def load_state(self, data: bytes) -> None:
+        state = self.decode_state(data, VsockState)
+        self.check_heads("rx_heads", state.rx_heads, RX)
+        self.check_heads("event_heads", state.event_heads, EVENT)
+        self._restored = state
+
+    def _send_transport_reset(self) -> None:
+        """Put a waiting TRANSPORT_RESET event (§5.10.6.6) into the first event buffer."""
+        queue = self.queues[EVENT]
+        while self._transport_reset and self._event_chains and self.active:
+            chain = self._event_chains.pop(0)
+            if chain.writable_len < _EVENT.size:
+                self.bad_chain(queue, ChainError(chain.head, "an event buffer under 4 bytes"))
+                continue
+            chain.write(_EVENT.pack(EVENT_TRANSPORT_RESET))
+            queue.use(chain, _EVENT.size)
+            self._transport_reset = False
+        self.signal(queue)
 
     def close(self) -> None:
         super().close()
@@ -329,6 +395,7 @@ class Vsock(VirtioDevice):
         self._control.clear()
         self._rx_waiters.clear()
         self._rx_pushed = False
+        self._transport_reset = False
 
     # --- queues -------------------------------------------------------------------------
 
@@ -371,12 +438,13 @@ class Vsock(VirtioDevice):
             if chain is None:
                 break
             self._event_chains.append(chain)
+        self._send_transport_reset()
 
     def _transmit(self, queue: Virtqueue) -> None:
         for chain in self.chains(queue):
             self._packet(chain)
             # Nothing of the chain is kept: what the Unix socket did not take was copied.
-            queue.push(chain.head, 0)
+            queue.use(chain, 0)
         self.signal(queue)
 
     # --- packets from the guest -----------------------------------------------------------
@@ -851,7 +919,7 @@ class Vsock(VirtioDevice):
 
     def _send(self, chain: Chain, header: bytes, length: int) -> None:
         chain.write(header)
-        self.queues[RX].push(chain.head, HEADER_SIZE + length)
+        self.queues[RX].use(chain, HEADER_SIZE + length)
         self._rx_pushed = True
         self.stats["packets_to_guest"] += 1
 

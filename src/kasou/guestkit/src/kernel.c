@@ -950,6 +950,21 @@ static __attribute__((noreturn)) void work_irq(void)
 	run_user(user_irq);
 }
 
+/* memcheck rate=R: a 1 ms LAPIC timer paces ring 3 (user_memcheck), which
+ * waits for its ticks with SVC_WAIT; without a rate no interrupt comes. */
+static __attribute__((noreturn)) void work_memcheck(void)
+{
+	if (arg_u64("rate", 0)) {
+		lapic_enable();
+		/* 1 ms period: 62500 counts at 1 GHz / 16 (SDM vol. 3A 11.5.4). */
+		lapic_write(LAPIC_TIMER_DIV, 0x3);
+		lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | VEC_TIMER);
+		lapic_write(LAPIC_TIMER_INIT, 62500);
+		watchdog_running = true; /* SVC_WAIT may halt: a tick always comes */
+	}
+	run_user(user_memcheck);
+}
+
 static volatile uint32_t cpus_up;
 
 /* Sends an IPI and waits for the ICR's delivery status to clear. */
@@ -1057,6 +1072,7 @@ static const struct {
 	{ "irq", work_irq, NULL },
 	{ "smp", work_smp, NULL },
 	{ "counter", NULL, user_counter },
+	{ "memcheck", work_memcheck, NULL },
 	{ "triple", work_triple, NULL },
 	{ "reset", work_reset, NULL },
 	{ "wait", work_wait, NULL },

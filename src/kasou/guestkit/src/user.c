@@ -175,3 +175,139 @@ void user_counter(const struct user_args *args)
 	for (;;)
 		(*counter)++;
 }
+
+/*
+ * memcheck mib=M rate=R report=N (16, 0, 16): proves that guest RAM and the
+ * guest's own progress survive a pause, snapshot, restore, clone or
+ * migration exactly. Pass p walks the M MiB at MEMCHECK_BASE page by page;
+ * in page i it first checks that each 8-byte word w still holds
+ * memcheck_mix(key(p - 1, i, w)), what pass p - 1 wrote (pass 0 checks
+ * nothing), then writes memcheck_mix(key(p, i, w)). A word that differs ends
+ * the run with "memcheck: page I word W pass P: got 0x... want 0x...".
+ *
+ * key(p, i, w) = p << 32 | i << 9 | w is one-to-one while i < 2^23 (mib is
+ * capped at 2048, 2^19 pages), so no two words of the area, and no two passes
+ * over one word, are meant to hold the same value. guestkit/memcheck.py
+ * mirrors the mix and reads the status block.
+ *
+ * rate=R allows R pages per tick of the 1 ms LAPIC timer that kernel.c's
+ * work_memcheck starts (a budget per tick, not carried over), and waits for
+ * the next tick halted in ring 0 (SVC_WAIT). The timer is the clock because
+ * its rate is known (1 GHz before the divider under KVM) where the TSC's
+ * would have to be calibrated first; rate=0 runs as fast as the vCPU goes.
+ */
+#define MEMCHECK_STATUS 0x201000UL
+#define MEMCHECK_BASE 0x1000000UL
+#define MEMCHECK_MAGIC 0x6b636568636d656dULL /* "memcheck", little-endian */
+#define MEMCHECK_MAX_MIB 2048
+#define PAGE_WORDS 512
+
+/* At MEMCHECK_STATUS, for the host to read while the VM is paused: every
+ * field a little-endian u64. The magic is written last, once the rest is
+ * valid. done counts pages finished in all passes together, so it only grows;
+ * pass is set at the start of each pass, so for a moment after done reaches
+ * pass * pages it still names the pass before. */
+struct memcheck_status {
+	uint64_t magic;
+	uint64_t base;
+	uint64_t pages; /* pages in the area */
+	uint64_t pass;
+	uint64_t done;
+	uint64_t mismatches;
+};
+
+/* splitmix64's output function (Steele, Lea, Flood: "Fast splittable
+ * pseudorandom number generators", OOPSLA 2014): two multiplies, three
+ * xor-shifts, all plain integer instructions. */
+static inline uint64_t memcheck_mix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+static __attribute__((noreturn, noinline, cold)) void
+memcheck_mismatch(volatile struct memcheck_status *st, uint64_t page, uint64_t word, uint64_t pass,
+		  uint64_t got, uint64_t want)
+{
+	st->mismatches++;
+	ufail("memcheck: page %lu word %lu pass %lu: got 0x%016lx want 0x%016lx", page, word, pass,
+	      got, want);
+}
+
+/* Whether addr holds RAM: kasou and QEMU read unclaimed guest-physical
+ * addresses as all ones and drop writes there. */
+static bool memcheck_is_ram(uint64_t addr)
+{
+	volatile uint64_t *p = phys(addr);
+	const uint64_t probe = 0x5a5a5a5a00000000ULL | (addr >> 12);
+
+	*p = probe;
+	return *p == probe;
+}
+
+/* Spends one page of the tick's budget, first waiting for the next tick when
+ * it is spent. */
+static void memcheck_throttle(const struct user_args *args, uint64_t rate, uint64_t *tick,
+			      uint64_t *used)
+{
+	if (*used >= rate) {
+		while (*args->ticks == *tick)
+			svc(SVC_WAIT, (uint64_t)args->ticks, (uint16_t)*tick);
+		*tick = *args->ticks;
+		*used = 0;
+	}
+	(*used)++;
+}
+
+void user_memcheck(const struct user_args *args)
+{
+	uint64_t mib = uarg(args, "mib", 16);
+	uint64_t rate = uarg(args, "rate", 0);
+	uint64_t report = uarg(args, "report", 16);
+	volatile struct memcheck_status *st = phys(MEMCHECK_STATUS);
+	uint64_t pages, done = 0, tick, used = 0;
+
+	if (mib < 1 || mib > MEMCHECK_MAX_MIB)
+		ufail("memcheck: mib=%lu: give 1 to %d", mib, MEMCHECK_MAX_MIB);
+	pages = mib << 8;
+	if (!memcheck_is_ram(MEMCHECK_BASE) || !memcheck_is_ram(MEMCHECK_BASE + (mib << 20) - 8))
+		ufail("memcheck: no RAM in 0x%lx+%lu MiB: give the VM at least %lu MiB",
+		      MEMCHECK_BASE, mib, (MEMCHECK_BASE >> 20) + mib);
+	st->base = MEMCHECK_BASE;
+	st->pages = pages;
+	st->pass = 0;
+	st->done = 0;
+	st->mismatches = 0;
+	st->magic = MEMCHECK_MAGIC;
+	uprintf("memcheck: ready base=0x%lx mib=%lu\n", MEMCHECK_BASE, mib);
+
+	tick = *args->ticks;
+	for (uint64_t pass = 0;; pass++) {
+		if (pass && report && pass % report == 0)
+			uprintf("memcheck: pass %lu\n", pass);
+		st->pass = pass;
+		for (uint64_t i = 0; i < pages; i++) {
+			volatile uint64_t *page = phys(MEMCHECK_BASE + (i << 12));
+			uint64_t key = pass << 32 | i << 9;
+
+			if (rate)
+				memcheck_throttle(args, rate, &tick, &used);
+			for (uint64_t w = 0; w < PAGE_WORDS; w++) {
+				if (pass) {
+					uint64_t want = memcheck_mix((key - (1ULL << 32)) | w);
+					uint64_t got = page[w];
+
+					if (got != want)
+						memcheck_mismatch(st, i, w, pass, got, want);
+				}
+				page[w] = memcheck_mix(key | w);
+			}
+			/* The page's stores before the count: the host takes pages
+			 * below done % pages as finished (x86 keeps stores in order). */
+			__asm__ volatile("" : : : "memory");
+			st->done = ++done;
+		}
+	}
+}
