@@ -3,8 +3,8 @@
 The guest kit's ELF (``kasou.guestkit.build_guest()``) is a Multiboot image too, so QEMU boots
 it with ``-kernel``. ``QemuGuest`` starts QEMU with COM1 on a pipe, stamps each line the
 guest prints with the time it arrived, takes bytes for COM1's input, and answers monitor
-commands through QMP. It never sleeps: waits block on the reader thread's queue with a
-deadline.
+commands and QMP commands. Waits block on the reader thread's queue with a deadline; only
+the first QMP connection polls (each millisecond) for the socket a QEMU just started creates.
 
 As a script it boots one workload and prints what the guest printed, with times::
 
@@ -142,6 +142,7 @@ class QemuGuest:
         *,
         kvm: bool = False,
         cpus: int = 1,
+        memory_mib: int = 64,
         qmp: bool = False,
         machine: str | None = None,
         extra: Sequence[str] = (),
@@ -149,7 +150,14 @@ class QemuGuest:
         self._tmp = tempfile.TemporaryDirectory(prefix="kasou-qemu-")
         self._qmp_path = Path(self._tmp.name) / "qmp.sock" if qmp else None
         self.command = qemu_command(
-            elf, cmdline, kvm=kvm, cpus=cpus, qmp=self._qmp_path, machine=machine, extra=extra
+            elf,
+            cmdline,
+            kvm=kvm,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            qmp=self._qmp_path,
+            machine=machine,
+            extra=extra,
         )
         self._lines: queue.Queue[Line | None] = queue.Queue()
         self.lines: list[Line] = []
@@ -251,16 +259,37 @@ class QemuGuest:
                 raise QemuError(f"QMP {command} failed: {message['error']}")
             return message["return"]
 
+    def _qmp_connect(self, timeout: float) -> None:
+        """Connects to QMP, waiting up to ``timeout`` for QEMU to create its socket (a QEMU
+        just started has not yet)."""
+        if self._qmp_path is None:
+            raise QemuError("start QemuGuest with qmp=True to use QMP or the monitor")
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self._qmp_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as error:
+                sock.close()
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise QemuError(f"no QMP socket from QEMU: {error}") from None
+                time.sleep(0.001)
+        self._qmp = sock
+        self._qmp_message(timeout)  # the greeting
+        self._qmp_execute("qmp_capabilities", {}, timeout)
+
+    def qmp(
+        self, command: str, arguments: dict[str, object] | None = None, timeout: float = 30.0
+    ) -> object:
+        """Runs a QMP command and returns its ``return`` value (events are skipped)."""
+        if self._qmp is None:
+            self._qmp_connect(timeout)
+        return self._qmp_execute(command, arguments or {}, timeout)
+
     def monitor(self, command_line: str, timeout: float = 30.0) -> str:
         """Runs a human monitor command (``xp``, ``info registers``) through QMP."""
-        if self._qmp_path is None:
-            raise QemuError("start QemuGuest with qmp=True to use the monitor")
-        if self._qmp is None:
-            self._qmp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._qmp.connect(str(self._qmp_path))
-            self._qmp_message(timeout)  # the greeting
-            self._qmp_execute("qmp_capabilities", {}, timeout)
-        result = self._qmp_execute("human-monitor-command", {"command-line": command_line}, timeout)
+        result = self.qmp("human-monitor-command", {"command-line": command_line}, timeout)
         return str(result)
 
     def read_u64(self, gpa: int) -> int:

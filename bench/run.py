@@ -22,6 +22,11 @@ Sections (issue: core VMM):
   user-space virtio: dd and random-read IOPS on a second disk, TCP through a TAP both ways,
   and the exec round trip over vsock and COM2 (bench/virtio_guest.py), where Linux boots, as
   for boot;
+- snapshot: `kasou snapshot create` time, MB/s and pause for 512 MiB and 4 GiB guests,
+  restore to the first KVM_RUN (`kasou run --restore`), and live migration over loopback TCP
+  of an idle and a 250 MiB/s-dirtying 1 GiB guest (`kasou migrate`), beside QEMU's migrate
+  to a file, `-incoming defer` restore and QEMU-to-QEMU migration, the guest kit's memcheck
+  going on after each (bench/snapshot.py);
 - distro: Debian 12 as users bring it (the image `kasou image build --distro debian-12`
   makes), kasou `run --image` beside QEMU -M microvm,acpi=on with the same kernel, initramfs
   and disk: process start to systemd's multi-user target (bench/distro_boot.py), where
@@ -45,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kasou_peer
 import qemu_peer
+import snapshot
 import virtio_blk
 from kasou._sys.proc import resident_bytes
 from kasou.guestkit import build_guest
@@ -162,7 +168,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--only",
-        choices=("exits", "start", "memory", "boot", "virtio-blk", "virtio-guest", "distro"),
+        choices=(
+            "exits",
+            "start",
+            "memory",
+            "boot",
+            "virtio-blk",
+            "virtio-guest",
+            "distro",
+            "snapshot",
+        ),
         action="append",
     )
     parser.add_argument("--boot-runs", type=int, default=10)
@@ -178,7 +193,7 @@ def main() -> int:
 
     print(probe_host().backend.value)
     sections = args.only or [
-        "exits", "start", "memory", "virtio-blk", "boot", "virtio-guest", "distro"
+        "exits", "start", "memory", "virtio-blk", "snapshot", "boot", "virtio-guest", "distro"
     ]  # fmt: skip
     if "exits" in sections:
         bench_exits(elf, args.count, args.repeats, with_qemu)
@@ -188,6 +203,8 @@ def main() -> int:
         bench_memory(elf, args.repeats, with_qemu)
     if "virtio-blk" in sections:
         virtio_blk.bench_virtio_blk(elf, args.repeats, with_qemu)
+    if "snapshot" in sections:
+        snapshot.bench_snapshot(elf, args.repeats, with_qemu)
     if "boot" in sections:
         bench_boot(args.boot_runs)
     if "virtio-guest" in sections:

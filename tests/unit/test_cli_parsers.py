@@ -17,6 +17,8 @@ from kasou.cli.fastrun import parser
 COMMANDS = {
     "run",
     "host",
+    "snapshot",
+    "migrate",
     "status",
     "pause",
     "resume",
@@ -32,7 +34,10 @@ COMMANDS = {
     "cp",
 }
 # Every command a user can run, as words after "kasou" (groups name their subcommands).
-LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image", "disk"})] + [
+LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image", "disk", "snapshot"})] + [
+    ["snapshot", "create"],
+    ["snapshot", "merge"],
+    ["snapshot", "info"],
     ["image", "build"],
     ["disk", "create"],
     ["disk", "info"],

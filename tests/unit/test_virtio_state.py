@@ -165,6 +165,7 @@ def test_a_restored_device_carries_on_where_the_driver_was(
     indirect = bool(driver.features & F_INDIRECT_DESC)
     done = [driver.submit(0, writable=[32], indirect=indirect)[0] for _ in range(3)]
     assert [head for head, _ in driver.wait_used(0, 3)] == done
+    settle(loop)  # the device is done looking at the ring
     # Made available just before the snapshot, with no notification the device saw.
     pending = [driver.submit(0, writable=[48], indirect=indirect, notify=False) for _ in range(2)]
     settle(loop)
@@ -550,6 +551,31 @@ def test_what_a_device_writes_is_marked_in_the_write_log(
     assert _marked_while(memory, serve) == _ring_pages(driver.queues[0]) | buffer
 
 
+def test_the_used_elements_are_marked_apart_from_the_index(
+    loop: EventLoop, memory: GuestMemory
+) -> None:
+    # Rings laid out so that the used ring's flags and index end one page and its elements
+    # from the second on start the next: rng's queue of 64 is a 1024-byte table, a 134-byte
+    # available ring and the used ring after it.
+    boundary = 0x20000
+    driver = Driver.attach(Rng(loop), memory, heap=boundary - 1168)
+    try:
+        driver.start(F_VERSION_1)
+        queue = driver.queues[0]
+        assert queue.used == boundary - 8  # flags, index, then element 0 across the boundary
+        driver.alloc(PAGE, PAGE)  # 0x21000: the buffers come after it, at 0x22000
+        heads = [driver.submit(0, writable=[8], notify=False)[0] for _ in range(2)]
+
+        def serve() -> None:
+            driver.notify(0)
+            assert [head for head, _ in driver.wait_used(0, 2)] == heads
+
+        # The index's page, the second element's, and the buffers'.
+        assert _marked_while(memory, serve) == {0x1F, 0x20, 0x22}
+    finally:
+        driver.close()
+
+
 def test_a_device_that_only_reads_marks_only_the_used_ring(
     loop: EventLoop, attach: Callable[[VirtioDevice], Driver], memory: GuestMemory
 ) -> None:
@@ -613,7 +639,12 @@ def test_park_holds_handlers_back_until_unpark(loop: EventLoop) -> None:
 
 def test_park_waits_for_a_running_handler(loop: EventLoop) -> None:
     inside, release = threading.Event(), threading.Event()
-    loop.call_soon(lambda: (inside.set(), release.wait(WAIT)))
+
+    def busy() -> None:
+        inside.set()
+        release.wait(WAIT)
+
+    loop.call_soon(busy)
     assert inside.wait(WAIT)
     with pytest.raises(HostError, match="did not pause"):
         loop.park(timeout=0.05)  # the handler never lets it

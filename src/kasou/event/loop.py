@@ -104,7 +104,7 @@ class EventLoop:
             if self._parks == 1:
                 self._park_epoch += 1
                 epoch = self._park_epoch
-                pass
+                self.call_soon(lambda: self._sit(epoch))
             if self._park.wait_for(self._parked_or_gone, timeout):
                 return
             self._release_park()

@@ -10,6 +10,7 @@ restored on every way out.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -227,6 +228,9 @@ def run(
 
             server = ControlServer(config.api_sock, loop, session.handle)
         while True:
+            if restore is not None and os.environ.get("KASOU_TRACE_START"):
+                # For bench/snapshot.py: restore to first KVM_RUN, on CLOCK_MONOTONIC.
+                sys.stderr.write(f"kasou: restore begins at {time.monotonic_ns()}\n")
             vm = build_vm(config, console_output=console.write, agent=agent, restore=restore)
             restore = None
             session.boots += 1

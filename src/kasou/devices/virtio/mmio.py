@@ -25,10 +25,10 @@ register within its width, a status the state machine can reach (FEATURES_OK onl
 subset of the offered features that includes VERSION_1, DRIVER_OK only after FEATURES_OK, a
 failure's reason only with NEEDS_RESET), and, for a running device (DRIVER_OK, no failure),
 every ready queue through ``Virtqueue.check``; a failure is a ``SnapshotError`` naming the
-device and the field.
-A running device is then started as at DRIVER_OK, with its rings' indexes where they were;
-on its reactor every live queue is served once (the driver may have made buffers available
-after the device last looked) and a pending interrupt is raised again.
+device and the field. A running device is then started as at DRIVER_OK, with its rings'
+indexes where they were; on its reactor every live queue is served once (the driver may have
+made buffers available after the device last looked) and a pending interrupt is raised
+again. A state without device state (``device`` None) leaves the device's own as built.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class VirtioMmio:
             return
         # transport restored --DRIVER_OK--> the device serves its queues again.
         self.device.activate(self._memory, self.queues, self.notifiers, self, features)
-        pass
+        self.device.reactor.call_soon(self._resume)
 
     def _resume(self) -> None:
         """On the device's reactor, after its activation: serve every live queue once and

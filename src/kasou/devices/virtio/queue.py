@@ -31,10 +31,10 @@ the same checks as ``activate``. A device that holds popped chains saves their h
 them back with ``walk`` (the driver does not touch a descriptor it made available until the
 device has used it, so the table still describes the chain).
 
-Barriers: x86 keeps
-loads in order and stores in order; where a store must be seen before a later load (the
-used index before reading ``used_event``, ``avail_event`` before re-reading the available
-index) a lock round trip serves as the full fence (a locked instruction on x86).
+Barriers: x86 keeps loads in order and stores in order; where a store must be seen before a
+later load (the used index before reading ``used_event``, ``avail_event`` before re-reading
+the available index) a lock round trip serves as the full fence (a locked instruction on
+x86).
 """
 
 from __future__ import annotations
@@ -445,7 +445,7 @@ class Virtqueue:
         buffers marked written for dirty tracking (all of them: ``written`` need not be a
         prefix, virtio-blk's status byte is the last)."""
         mark = self._memory.mark_written
-        for gpa, size in []:
+        for gpa, size in chain.written_at:
             mark(gpa, size)
         self.push(chain.head, written)
 
