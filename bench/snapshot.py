@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,6 +181,10 @@ class KasouVm:
     def console(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def went_on(self, saved: int) -> bool | None:
+        """Whether the guest went on from pass ``saved`` (``_goes_on``) on its console."""
+        return _goes_on(self.console(), saved, f"kasou ({self.name})")
+
     def request(self, *args: str) -> dict[str, Any]:
         """``kasou ARGS --sock SOCK --json``: its JSON answer."""
         done = subprocess.run(
@@ -289,8 +294,7 @@ def kasou_restore(snapshot: Path, mib: int, folder: Path, name: str) -> tuple[fl
     try:
         first = vm.stamp("first KVM_RUN")
         begins = vm.stamp("restore begins")
-        _until(f"the guest restored by kasou ({name}) to go on",
-               lambda: _goes_on(vm.console(), saved, f"kasou {name}"))  # fmt: skip
+        _until(f"the guest restored by kasou ({name}) to go on", partial(vm.went_on, saved))
         return (first - begins) / 1e9, (first - vm.started_ns) / 1e9
     finally:
         vm.close()
@@ -314,7 +318,7 @@ def kasou_migrations(
                 source.process.wait(30)
                 last = max(_passes(source.console(), source.name), default=-1)
                 _until(f"the migrated guest ({destination.name}) to go on",
-                       lambda d=destination, s=last: _goes_on(d.console(), s, d.name))  # fmt: skip
+                       partial(destination.went_on, last))  # fmt: skip
             except BaseException:
                 destination.close()
                 raise
@@ -578,7 +582,10 @@ def bench_snapshot(elf: Path, repeats: int, with_qemu: bool, folder: Path | None
             results = kasou_migrations(elf, guest_cmdline, repeats, scratch, tag)
             qemu_results = qemu_migrations(elf, guest_cmdline, repeats) if with_qemu else []
             _migration_rows(table, name, results, qemu_results, targets[name])
-        print("   (each guest went on at every destination)")
+        print("   (each guest went on at every destination. downtime: kasou's is the source's")
+        print("   pause until the destination says RUNNING, so it holds the destination's build")
+        print("   of the VM; QEMU's is its source's stop until it has sent the last byte.")
+        print("   rounds: copy passes, the paused one included; QEMU's dirty-sync-count)")
 
 
 def _migration_rows(

@@ -517,7 +517,11 @@ def migrate(
             f"migrated to {result['url']} in {result['seconds']:.2f} s: downtime "
             f"{result['downtime'] * 1000:.0f} ms, {result['bytes_sent'] / 2**20:.1f} MiB sent "
             f"in {result['round'] + 1} rounds"
-            + (f", throttled up to {result['throttle']:.0%}" if result["throttle"] else "")
+            + (
+                f", guest slowed down up to {result['throttle_max']:.0%}"
+                if result["throttle_max"]
+                else ""
+            )
         )
 
 

@@ -10,6 +10,7 @@ See Documentation/virt/kvm/api.rst for each ioctl.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from kasou._sys import ioctl, ioctl_noretry
 from kasou.errors import HostError, KvmError
 from kasou.kvm import bindings as b
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CAPABILITIES", "REQUIRED", "Kvm", "VcpuFd", "VmFd"]
 
@@ -261,7 +264,13 @@ class VcpuFd(_Fd):
 
     def close(self) -> None:
         if not self.run_page.closed:
-            self.run_page.close()
+            try:
+                self.run_page.close()
+            except BufferError:
+                # A view of the page is still alive somewhere (a vCPU thread that has not
+                # quite finished): leave the mapping to the process's end rather than fail
+                # the VM's teardown; the fd below is closed all the same.
+                log.warning("vCPU %d: its kvm_run page is still in use; left mapped", self.vcpu_id)
         super().close()
 
     def run(self) -> int:

@@ -8,10 +8,14 @@ guest's address space (``arch/``), does not register it with KVM or read KVM's d
 (``vmm/``), and does not write a snapshot's other state (``persist/``, ``vmm/``).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from kasou.memory.guest import GuestMemory, Region, file_offsets
 from kasou.memory.pages import PageBitmap
 from kasou.memory.size import format_size, host_memory_bytes, parse_size
-from kasou.memory.snapfile import MemoryWrite, merge_memory, save_memory
+
+if TYPE_CHECKING:
+    from kasou.memory.snapfile import MemoryWrite, merge_memory, nonzero_pages, save_memory
 
 __all__ = [
     "GuestMemory",
@@ -22,6 +26,20 @@ __all__ = [
     "format_size",
     "host_memory_bytes",
     "merge_memory",
+    "nonzero_pages",
     "parse_size",
     "save_memory",
 ]
+
+
+_SNAPFILE = {"MemoryWrite", "merge_memory", "nonzero_pages", "save_memory"}
+
+
+def __getattr__(name: str) -> Any:
+    """The snapshot-file functions, imported on first use: ``kasou run`` never needs them
+    unless it saves or migrates a VM, and start-up time counts (docs/design.md)."""
+    if name in _SNAPFILE:
+        from kasou.memory import snapfile
+
+        return getattr(snapfile, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

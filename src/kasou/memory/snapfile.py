@@ -39,7 +39,7 @@ from kasou.errors import HostError, SnapshotError
 from kasou.memory.guest import PAGE_SIZE, GuestMemory, Region, file_offsets
 from kasou.memory.pages import PageBitmap, byte_runs
 
-__all__ = ["MemoryWrite", "merge_memory", "save_memory"]
+__all__ = ["MemoryWrite", "merge_memory", "nonzero_pages", "save_memory"]
 
 _CHUNK = 2 << 20  # checked for zeros in one memcmp; a non-zero chunk is then checked per page
 _CHUNK_PAGES = _CHUNK // PAGE_SIZE
@@ -200,6 +200,19 @@ def _open_memory_file(path: Path, flags: int, size: int) -> int:
 
 
 # --- which pages to read ---------------------------------------------------------------------
+
+
+def nonzero_pages(memory: GuestMemory, index: int) -> Iterator[tuple[int, int]]:
+    """Runs ``(first_page, count)`` of region ``index`` that are not all zeros, found as a
+    full save finds them (pages never touched are skipped without being read). A migration's
+    first copy round sends these. Read them while nothing writes the region, or take them as
+    a hint (a page written meanwhile is caught by dirty logging)."""
+    region = memory.regions[index]
+    view = memory.view(region.gpa, region.size)
+    try:
+        yield from _nonzero_runs(view, region.host_address, _data_runs(region))
+    finally:
+        view.release()
 
 
 def _data_runs(region: Region) -> Iterator[tuple[int, int]]:

@@ -41,7 +41,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,6 @@ log = logging.getLogger(__name__)
 CONFIG, ACK, PAGES, DISK, STATE, READY, GO, RUNNING, DONE, ERROR = range(1, 11)
 PAGE_SIZE = 4096
 BATCH = 4 << 20  # bytes of pages in one frame
-SCAN = 2 << 20  # round 0 checks RAM for zeros in slices of this size
-_ZERO = bytes(SCAN)
 _RUN = struct.Struct("<QIB")  # guest-physical address, pages, kind (0 data, 1 zeros)
 _DATA, _ZEROS = 0, 1
 MAX_ROUNDS = 30
@@ -172,6 +170,7 @@ class Migration:
         self.bandwidth = 0.0  # bytes per second sent in the last round
         self.expected_downtime = 0.0
         self.throttle = 0.0
+        self.throttle_max = 0.0  # the most the guest was slowed down, for the report
         self.downtime = 0.0
         self.error: str | None = None
         self.started = time.monotonic()
@@ -228,6 +227,7 @@ class Migration:
             "expected_downtime": round(self.expected_downtime, 4),
             "downtime_target": self.downtime_target,
             "throttle": round(self.throttle, 2),
+            "throttle_max": round(self.throttle_max, 2),
             "downtime": round(self.downtime, 4),
             "seconds": round(end - self.started, 3),
             "error": self.error,
@@ -324,8 +324,8 @@ class Migration:
             paused_at = time.monotonic()
             self._stop_throttle()
             last = tracker.collect()
-            for bitmap, more in zip(last, dirty, strict=True):
-                bitmap |= more
+            for index, more in enumerate(dirty):
+                last[index] |= more
             self._send_batches(channel, _dirty_pages(vm.memory, last))
             for index, disk in enumerate(vm.config.disks):
                 transport = vm.devices.get(f"block{index}")
@@ -361,6 +361,7 @@ class Migration:
             self.throttle = THROTTLE_START
         else:
             self.throttle = min(THROTTLE_MAX, self.throttle + THROTTLE_STEP)
+        self.throttle_max = max(self.throttle_max, self.throttle)
         if self._throttler is None:
             self._throttler = threading.Thread(
                 target=self._throttle_loop, name="kasou-throttle", daemon=True
@@ -396,34 +397,28 @@ def _send_disk(channel: _Channel, index: int, path: Path) -> None:
 
 
 def _all_pages(memory: GuestMemory) -> Iterator[tuple[bytes, int]]:
-    """Round 0: every slice of RAM that is not all zeros (the destination's RAM is)."""
-    pieces: list[bytes] = []
-    size = pages = 0
-    for region in memory.regions:
-        mapping = region.mapping
-        for offset in range(0, region.size, SCAN):
-            end = min(offset + SCAN, region.size)
-            data = mapping[offset:end]
-            if data == _ZERO[: end - offset]:
-                continue
-            count = (end - offset) // PAGE_SIZE
-            pieces += [_RUN.pack(region.gpa + offset, count, _DATA), data]
-            size += len(data)
-            pages += count
-            if size >= BATCH:
-                yield b"".join(pieces), pages
-                pieces, size, pages = [], 0, 0
-    if pieces:
-        yield b"".join(pieces), pages
+    """Round 0: every page that is not all zeros (the destination's RAM is zeros); pages the
+    guest never touched are skipped without being read (``nonzero_pages``)."""
+    from kasou.memory import nonzero_pages
+
+    return _page_batches(memory, lambda index: nonzero_pages(memory, index))
 
 
 def _dirty_pages(memory: GuestMemory, dirty: Sequence[Any]) -> Iterator[tuple[bytes, int]]:
-    """The pages in ``dirty`` (one bitmap per region), as data runs."""
+    """The pages in ``dirty`` (one bitmap per region)."""
+    return _page_batches(memory, lambda index: dirty[index].runs())
+
+
+def _page_batches(
+    memory: GuestMemory, runs: Callable[[int], Iterable[tuple[int, int]]]
+) -> Iterator[tuple[bytes, int]]:
+    """PAGES payloads of at most about ``BATCH`` bytes, with their page counts, for the runs
+    ``(first_page, count)`` that ``runs(region_index)`` gives."""
     pieces: list[bytes] = []
     size = pages = 0
     batch_pages = BATCH // PAGE_SIZE
-    for region, bitmap in zip(memory.regions, dirty, strict=True):
-        for run_first, run_count in bitmap.runs():
+    for index, region in enumerate(memory.regions):
+        for run_first, run_count in runs(index):
             first, count = run_first, run_count
             while count:
                 take = min(count, batch_pages)

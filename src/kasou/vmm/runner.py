@@ -249,6 +249,9 @@ def run(
                 if on_boot is not None:
                     on_boot(vm)
                 ending = vm.wait()
+                if session.migration is not None:
+                    # A migration stops the VM just before it says "completed": let it end.
+                    session.migration.join(REPORT_WAIT)
                 if _migrated(session):
                     session.migration.reported.wait(REPORT_WAIT)
             finally:

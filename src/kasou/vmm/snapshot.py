@@ -117,7 +117,7 @@ def _encode_hook(value: object) -> object:
 def _decode_hook(kind: type, value: object) -> object:
     if kind is Path and isinstance(value, str):
         return Path(value)
-    raise NotImplementedError(f"cannot read a {kind.__name__} from a snapshot's config")
+    raise TypeError(f"expected a {kind.__name__}")
 
 
 def encode_config(config: VmConfig) -> bytes:

@@ -19,11 +19,11 @@ from kasou.kvm import Kvm, VmFd
 from kasou.memory import GuestMemory
 from kasou.vmm.config import VmConfig
 from kasou.vmm.lifecycle import Transition, VmState, next_state
-from kasou.vmm.state import VcpuState, check_vcpu, restore_vcpu, save_vcpu, saved_msr_indices
 from kasou.vmm.vcpu import ExitKind, GuestExit, Vcpu
 
 if TYPE_CHECKING:
     from kasou.vmm.dirty import DirtyTracker
+    from kasou.vmm.state import VcpuState
 
 __all__ = ["Vm"]
 
@@ -114,6 +114,8 @@ class Vm:
     def save_vcpus(self) -> list[VcpuState]:
         """Every vCPU's KVM state in index order, each read on its own vCPU thread (which
         owns the fd). The VM must be paused, so that no vCPU moves while the others are read."""
+        from kasou.vmm.state import save_vcpu, saved_msr_indices
+
         with self._lock:
             if self._state is not VmState.PAUSED:
                 raise LifecycleError(self._state.value, VmState.PAUSED.value, "save the vCPUs")
@@ -127,6 +129,8 @@ class Vm:
     def restore_vcpus(self, states: Sequence[VcpuState]) -> None:
         """Put every vCPU in its saved state before ``start`` (guest memory already holding
         the saved contents). All states are checked before the first is applied."""
+        from kasou.vmm.state import check_vcpu, restore_vcpu
+
         with self._lock:
             if self._state is not VmState.CREATED:
                 raise LifecycleError(self._state.value, VmState.CREATED.value, "restore the vCPUs")
