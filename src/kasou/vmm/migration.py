@@ -573,8 +573,9 @@ def _receive(
 
     from kasou.arch.x86_64 import layout as memory_layout
     from kasou.vmm.config import parse_console
-    from kasou.vmm.snapshot import MachineImage, decode_config
+    from kasou.vmm.snapshot import MachineImage, decode_config, preload_restore_modules
 
+    preload_restore_modules()  # before any page arrives: not in the downtime
     check_stream_hello(channel._exactly(len(stream_hello())))
     plan = decode_state(channel.expect(CONFIG), MigrationPlan, what="migration plan")
     memory: GuestMemory | None = None
@@ -636,7 +637,7 @@ def _incoming_config(
     import tempfile
     from dataclasses import replace
 
-    from kasou.vmm.snapshot import _restored_nets, _restored_vsock
+    from kasou.vmm.snapshot import restored_nets, restored_vsock
 
     new_disks = list(saved.disks)
     if disks is not None:
@@ -658,8 +659,8 @@ def _incoming_config(
     return replace(
         saved,
         disks=tuple(new_disks),
-        nets=_restored_nets(saved, nets, clone=False),
-        vsock=_restored_vsock(saved, vsock, api_sock),
+        nets=restored_nets(saved, nets, clone=False),
+        vsock=restored_vsock(saved, vsock, api_sock),
         api_sock=api_sock,
     )
 

