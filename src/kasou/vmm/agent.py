@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kasou.errors import GuestError
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 # kasou.agent.protocol is imported where it is first needed: its frame types cost a few
 # milliseconds of start-up, and the agent speaks seconds after the VM starts.
 
-__all__ = ["AgentChannel", "ExecResult"]
+__all__ = ["AgentChannel", "AgentState", "ExecResult"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,16 @@ class ExecResult:
         self.stderr = bytearray()
         self.error: str | None = None
         self.done = threading.Event()
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What a snapshot keeps of COM2's host end: whether the agent had said READY (it says
+    so once, at its start; a restored guest's agent is long past it). Field names are a
+    snapshot format contract."""
+
+    ready: bool
+    version: str | None
 
 
 class AgentChannel:
@@ -71,6 +82,24 @@ class AgentChannel:
         for result in pending.values():
             result.error = "the guest rebooted"
             result.done.set()
+
+    def save(self) -> AgentState:
+        with self._lock:
+            return AgentState(self.ready_ns is not None, self.version)
+
+    def restore(self, state: AgentState) -> None:
+        """After ``attach`` for a restored VM: its agent is as ready as it was saved."""
+        if not isinstance(state.ready, bool) or not (
+            state.version is None or (isinstance(state.version, str) and len(state.version) < 256)
+        ):
+            from kasou.errors import SnapshotError
+
+            raise SnapshotError("agent: the saved state is not valid")
+        with self._lock:
+            if state.ready:
+                self.ready_ns = time.monotonic_ns()
+                self.version = state.version
+                self._ready.notify_all()
 
     def detach(self) -> None:
         self.attach(lambda data: 0)

@@ -41,7 +41,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,12 +154,20 @@ class _Channel:
 class Migration:
     """Sends ``vm`` to ``url``; ``start`` runs it in a thread, ``progress`` reports it."""
 
-    def __init__(self, vm: Vm, url: str, *, downtime: float = 0.3) -> None:
+    def __init__(
+        self,
+        vm: Vm,
+        url: str,
+        *,
+        downtime: float = 0.3,
+        extra: Callable[[], Mapping[str, bytes]] | None = None,
+    ) -> None:
         if vm.state is not VmState.RUNNING:
             raise MigrationError(f"the VM is {vm.state.value}: only a running VM migrates")
         self.family, self.address = parse_url(url)
         self.vm = vm
         self.url = url
+        self._extra = extra  # the owner's sections, sent with the VM's (the agent channel)
         self.downtime_target = downtime
         self.phase = "connecting"
         self.round = 0
@@ -333,7 +341,10 @@ class Migration:
                     transport.device.backend.flush()
                 if disk.scratch:
                     _send_disk(channel, index, disk.path)
-            channel.send(STATE, pack_sections(save_machine(vm)))
+            sections = save_machine(vm)
+            if self._extra is not None:
+                sections.update(self._extra())
+            channel.send(STATE, pack_sections(sections))
             channel.expect(READY, REPLY_TIMEOUT)
             self._check_cancel()
             self._committed = True

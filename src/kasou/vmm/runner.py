@@ -140,7 +140,13 @@ class _Session:
             if self.busy != "snapshot":
                 raise LifecycleError(f"busy ({self.busy})", "idle", "snapshot")
         try:
-            result = create_snapshot(vm, Path(request.path), diff=request.diff, stop=request.stop)
+            result = create_snapshot(
+                vm,
+                Path(request.path),
+                diff=request.diff,
+                stop=request.stop,
+                extra=self.saved_sections,
+            )
         finally:
             with self._lock:
                 self.busy = None
@@ -148,6 +154,12 @@ class _Session:
             with self._lock:
                 self.quit = self.quit or GuestExit(ExitKind.STOPPED, "stopped after a snapshot")
         return Reply(True, result)
+
+    def saved_sections(self) -> dict[str, bytes]:
+        """What a snapshot or migration keeps of this run beside the VM: the agent channel."""
+        from kasou.persist import encode_state
+
+        return {"agent": encode_state(self.agent.save())}
 
     def _migration_request(self, vm: Vm, request: Request) -> dict[str, object]:
         """Start a migration (it runs in a thread of its own), report it, or cancel it."""
@@ -172,7 +184,9 @@ class _Session:
                 raise LifecycleError(f"busy ({self.busy})", "idle", "migrate")
             self.busy = "migration"
         try:
-            migration = Migration(vm, request.url, downtime=request.downtime)
+            migration = Migration(
+                vm, request.url, downtime=request.downtime, extra=self.saved_sections
+            )
         except BaseException:
             with self._lock:
                 self.busy = None
@@ -232,7 +246,7 @@ def run(
                 # For bench/snapshot.py: restore to first KVM_RUN, on CLOCK_MONOTONIC.
                 sys.stderr.write(f"kasou: restore begins at {time.monotonic_ns()}\n")
             vm = build_vm(config, console_output=console.write, agent=agent, restore=restore)
-            restore = None
+            restored, restore = restore, None
             session.boots += 1
             with session._lock:
                 stopped = session.quit is not None
@@ -242,6 +256,13 @@ def run(
                     return session.quit or GuestExit(ExitKind.STOPPED, "stopped")
                 console.attach(loop, vm.devices["serial0"])
                 agent.attach(vm.devices["serial1"].enqueue_input)
+                if restored is not None and "agent" in restored.sections:
+                    from kasou.persist import decode_state
+                    from kasou.vmm.agent import AgentState
+
+                    saved = restored.sections["agent"]
+                    agent.restore(decode_state(saved, AgentState, what="agent"))
+                    restored = None
                 if before_start is not None:
                     before_start(vm)
                     before_start = None

@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -182,11 +182,18 @@ def save_machine(vm: Vm) -> dict[str, bytes]:
 
 
 def create_snapshot(
-    vm: Vm, path: Path, *, diff: bool = False, stop: bool = False
+    vm: Vm,
+    path: Path,
+    *,
+    diff: bool = False,
+    stop: bool = False,
+    extra: Callable[[], Mapping[str, bytes]] | None = None,
 ) -> dict[str, Any]:
     """Write a snapshot of ``vm`` to the folder ``path`` (replacing a snapshot there) and
-    return what was written. The VM runs on afterwards unless ``stop``; it also runs on,
-    unchanged, when writing fails (the error says why; nothing is left behind)."""
+    return what was written. ``extra()`` adds sections of the VM's owner (the runner's
+    agent channel), read while the VM is paused. The VM runs on afterwards unless ``stop``;
+    it also runs on, unchanged, when writing fails (the error says why; nothing is left
+    behind)."""
     path = Path(os.path.abspath(path))
     _check_destination(path)
     if diff and (vm.dirty is None or not vm.dirty.active or vm.last_snapshot is None):
@@ -203,6 +210,8 @@ def create_snapshot(
         try:
             work.mkdir()
             sections = save_machine(vm)
+            if extra is not None:
+                sections.update(extra())
             disks = _save_disks(vm, work)
             pages = _collect_pages(vm) if diff else None
             written = save_memory(vm.memory, work / MEMORY_FILE, only=pages)
