@@ -63,7 +63,7 @@ def run_vm(options: dict[str, object]) -> int:
     try:
         from kasou.vmm.runner import print_crash, run
 
-        if options.get("restore") or options.get("incoming"):
+        if options.get("restore") or options.get("incoming") or options.get("clone"):
             ending = _run_saved(options, scratch)
         else:
             ending = run(_config(options, scratch))

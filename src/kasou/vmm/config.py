@@ -307,7 +307,8 @@ class VmConfig:
     extra_initrds: tuple[Path, ...] = ()
     debug_exit: DebugExitConfig | None = None
     # Built from a snapshot or a migration stream: guest memory already holds the kernel,
-    # so the kernel and initrds are neither loaded nor required to exist.
+    # so the kernel and initrds are neither loaded nor required to exist, and the devices
+    # are checked (``check_devices``) once the restore has put this host's files in.
     restoring: bool = False
 
     def __post_init__(self) -> None:
@@ -337,12 +338,9 @@ class VmConfig:
             _check_readable("kernel", self.kernel)
             for path in self.initrds:
                 _check_readable("initrd", path)
+            self.check_devices()
         if self.debug_exit is not None:
             _check_debug_exit(self.debug_exit)
-        _check_disks(self.disks)
-        _check_nets(self.nets)
-        if self.vsock is not None:
-            _check_vsock(self.vsock)
 
     @classmethod
     def from_options(
@@ -366,6 +364,15 @@ class VmConfig:
             console=parse_console(console),
             **others,  # type: ignore[arg-type]
         )
+
+    def check_devices(self) -> None:
+        """The disks, interfaces and vsock device: their values and their files. Run for
+        every new config; a restored one (``restoring``) runs it once its disks and sockets
+        are those of this host (``vmm/snapshot.py``, ``vmm/migration.py``)."""
+        _check_disks(self.disks)
+        _check_nets(self.nets)
+        if self.vsock is not None:
+            _check_vsock(self.vsock)
 
     @property
     def initrds(self) -> tuple[Path, ...]:

@@ -601,6 +601,7 @@ def _receive(
             if console is not None:
                 config = replace(config, console=parse_console(console))
             config.check_host(max_vcpus=1 << 16)  # host memory; KVM's limit at build
+            config.check_devices()
             _check_disks(config)
             memory = GuestMemory.create(plan.layout, config.memory_backing, config.hugepages)
         except (KasouError, OSError) as error:

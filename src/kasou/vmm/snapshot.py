@@ -412,6 +412,7 @@ def load_snapshot(
 
         changes["console"] = parse_console(console)
     config = replace(saved, **changes)
+    config.check_devices()
     preload_restore_modules()
     return MachineImage(config, sections, memory_file, clone)
 
