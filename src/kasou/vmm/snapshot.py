@@ -478,21 +478,24 @@ def restored_nets(
     saved: VmConfig, given: Sequence[NetConfig] | None, clone: bool
 ) -> tuple[NetConfig, ...]:
     """The interfaces of a saved VM brought back: the saved ones or as many ``given``; a
-    clone's each get a new MAC."""
+    clone's each get a new MAC and, unless given, a new TAP."""
     if given is not None and len(given) != len(saved.nets):
         raise ConfigError(
             "net",
             f"the snapshot's guest has {len(saved.nets)} interface(s): give --net that many "
             "times, in the same order, or not at all",
         )
-    nets = tuple(given) if given is not None else saved.nets
+    if given is not None:
+        nets = tuple(given)
+        if clone:  # a clone's interfaces get new MACs unless given one
+            nets = tuple(net._replace(mac=net.mac or _random_mac()) for net in nets)
+        return nets
     if clone:
-        # A clone gets its own MAC on each interface (locally administered, unicast).
-        nets = tuple(
-            net._replace(mac=net.mac if given is not None and net.mac else _random_mac())
-            for net in nets
-        )
-    return nets
+        # Each interface of a clone is new: a TAP of its own (named by the kernel: the saved
+        # one belongs to the VM it was cloned from) and a new MAC (locally administered,
+        # unicast).
+        return tuple(NetConfig(tap=None, mac=_random_mac()) for _ in saved.nets)
+    return saved.nets
 
 
 def _random_mac() -> str:
