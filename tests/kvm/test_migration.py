@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from kasou.guestkit import FAIL_PREFIX, cmdline
+from kasou.persist import frame_header
+from kasou.vmm.migration import ACK
 
 KASOU = str(Path(sys.executable).parent / "kasou")
 PASS = re.compile(r"memcheck: pass (\d+)")
@@ -47,7 +49,9 @@ def _passes(log: Path) -> list[int]:
 class Source:
     """A ``kasou run`` of memcheck with a control socket and its console in a file."""
 
-    def __init__(self, guest_elf: Path, folder: Path, mib: int = 8) -> None:
+    def __init__(
+        self, guest_elf: Path, folder: Path, mib: int = 8, extra: tuple[str, ...] = ()
+    ) -> None:
         self.log = folder / "source.log"
         self.sock = folder / "source.sock"
         self.process = subprocess.Popen(
@@ -64,6 +68,7 @@ class Source:
                 f"file:{self.log}",
                 "--api-sock",
                 str(self.sock),
+                *extra,
             ],
             stderr=subprocess.PIPE,
             text=True,
@@ -233,3 +238,75 @@ def test_a_cut_link_leaves_the_source_running(source: Source, tmp_path: Path) ->
             if destination.poll() is None:
                 destination.kill()
                 destination.wait()
+
+
+def test_a_destination_that_cannot_open_a_disk_refuses_before_any_page(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    source = Source(guest_elf, tmp_path, extra=("--disk", str(disk)))
+    try:
+        incoming = tmp_path / "refusing.in"
+        destination = subprocess.Popen(
+            [
+                KASOU,
+                "run",
+                "--incoming",
+                f"unix:{incoming}",
+                "--disk",
+                str(tmp_path / "missing.img"),
+                "--console",
+                "none",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait("the destination to listen", incoming.exists)
+        migrated = source.request("migrate", f"unix:{incoming}", "--json")
+        assert migrated.returncode == 1
+        result = json.loads(migrated.stdout)
+        assert "missing.img" in result["error"] and result["pages_sent"] == 0
+        assert destination.wait(30) == 2
+        assert "missing.img" in (destination.stderr.read() if destination.stderr else "")
+        source.runs_on()
+    finally:
+        source.close()
+
+
+def test_a_cancelled_migration_leaves_the_source_running(source: Source, tmp_path: Path) -> None:
+    from kasou.client import ControlClient
+
+    # A destination that accepts and never reads: the copy stalls until it is cancelled.
+    stalled = tmp_path / "stalled.in"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(stalled))
+    listener.listen(1)
+    follower = subprocess.Popen(
+        [KASOU, "migrate", "--sock", str(source.sock), f"unix:{stalled}", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        connection, _ = listener.accept()
+        # Say yes to the VM, then never read a page.
+        connection.sendall(frame_header(ACK, b""))
+
+        def copying() -> bool:
+            with ControlClient(source.sock) as client:
+                return bool(client.request("migration")["phase"] == "copying")
+
+        _wait("the copy to start", copying)
+        cancel = source.request("migrate", "--cancel")
+        assert cancel.returncode == 0, cancel.stderr
+        out, _ = follower.communicate(timeout=30)
+        assert follower.returncode == 1
+        assert json.loads(out)["phase"] == "cancelled"
+        source.runs_on()
+        connection.close()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        listener.close()

@@ -189,6 +189,7 @@ class Migration:
         self.reported = threading.Event()
         self._committed = False  # GO was sent: too late to cancel
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
         self._throttler: threading.Thread | None = None
 
     def start(self, on_done: Callable[[], None] = lambda: None) -> None:
@@ -197,7 +198,10 @@ class Migration:
                 self._run()
             except BaseException as error:  # every failure leaves the VM running
                 self.error = str(error) if isinstance(error, KasouError) else repr(error)
-                self.phase = "cancelled" if self._cancelled.is_set() else "failed"
+                if self._cancelled.is_set():
+                    self.phase, self.error = "cancelled", "cancelled; the VM runs on here"
+                else:
+                    self.phase = "failed"
                 if not isinstance(error, KasouError):
                     log.exception("migration to %s failed", self.url)
             finally:
@@ -216,6 +220,13 @@ class Migration:
         if self.finished is not None or self._committed:
             return False
         self._cancelled.set()
+        sock = self._socket
+        if sock is not None:
+            # A send blocked on a slow or stalled link returns at once with an error.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         return True
 
     def progress(self) -> dict[str, Any]:
@@ -263,6 +274,7 @@ class Migration:
         if self.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         channel = _Channel(sock, self.url)
+        self._socket = sock
         if vm.dirty is None:
             vm.dirty = DirtyTracker(vm.vm_fd, vm.memory)
         tracker = vm.dirty
