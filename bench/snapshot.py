@@ -77,7 +77,7 @@ MIGRATIONS = (
     ("idle", cmdline("memcheck", mib=1, rate=1, report=1)),
     ("250 MiB/s", cmdline("memcheck", mib=256, rate=64, report=1)),
 )
-PASS = re.compile(r"^memcheck: pass (\d+)$", re.MULTILINE)
+PASS = re.compile(r"^memcheck: pass (\d+)\n", re.MULTILINE)  # whole lines only
 READY = "memcheck: ready"
 WAIT = 60.0  # seconds for anything the bench waits on
 QEMU_MIGRATION_LIMIT = 60.0  # seconds before a QEMU migration that has not ended is cancelled

@@ -28,7 +28,7 @@ from kasou.persist import frame_header
 from kasou.vmm.migration import ACK
 
 KASOU = str(Path(sys.executable).parent / "kasou")
-PASS = re.compile(r"memcheck: pass (\d+)")
+PASS = re.compile(r"memcheck: pass (\d+)\n")  # whole lines: the console is read as written
 
 
 def _wait(what: str, check: object, timeout: float = 30.0) -> None:
