@@ -79,15 +79,15 @@ class _Session:
             if request.wait <= 0:
                 return Reply(True, pressed)
             return lambda: self._await_end(vm, request.wait, pressed)
+        if request.kind in (RequestKind.MIGRATION, RequestKind.MIGRATE_CANCEL):
+            return Reply(True, self._migration_request(vm, request))  # also once it left
         if vm is None:
+            if request.kind in (RequestKind.SNAPSHOT, RequestKind.MIGRATE):
+                raise LifecycleError("booting", VmState.RUNNING.value, request.kind.value)
             return Reply(True, {"state": "booting"})
         if request.kind is RequestKind.SNAPSHOT:
             return lambda: self._snapshot(vm, request)
-        if request.kind in (
-            RequestKind.MIGRATE,
-            RequestKind.MIGRATION,
-            RequestKind.MIGRATE_CANCEL,
-        ):
+        if request.kind is RequestKind.MIGRATE:
             return Reply(True, self._migration_request(vm, request))
         if request.kind is RequestKind.DEVICES:
             return Reply(True, {"devices": vm.device_list()})
@@ -161,7 +161,7 @@ class _Session:
 
         return {"agent": encode_state(self.agent.save())}
 
-    def _migration_request(self, vm: Vm, request: Request) -> dict[str, object]:
+    def _migration_request(self, vm: Vm | None, request: Request) -> dict[str, object]:
         """Start a migration (it runs in a thread of its own), report it, or cancel it."""
         from kasou.errors import MigrationError
         from kasou.vmm.requests import RequestKind
@@ -179,6 +179,7 @@ class _Session:
             return cancelled
         from kasou.vmm.migration import Migration
 
+        assert vm is not None
         with self._lock:
             if self.busy is not None:
                 raise LifecycleError(f"busy ({self.busy})", "idle", "migrate")
