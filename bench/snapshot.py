@@ -64,7 +64,7 @@ import kasou_peer
 import qemu_peer
 from kasou.guestkit import FAIL_PREFIX, cmdline
 from kasou.guestkit.memcheck import MEMCHECK_STATUS_GPA, read_status
-from kasou.memory import file_offsets
+from kasou.memory import MemoryFile
 
 __all__ = ["KasouVm", "bench_snapshot", "main"]
 
@@ -230,24 +230,12 @@ class KasouVm:
         self._reader.join(10)
 
 
-class _SnapshotRam:
+def _snapshot_ram(folder: Path, memory: int) -> MemoryFile:
     """A kasou snapshot's memory file read by guest-physical address (for read_status)."""
+    from kasou.arch.x86_64.layout import ram_layout
+    from kasou.vmm.snapshot import MEMORY_FILE
 
-    def __init__(self, folder: Path, memory: int) -> None:
-        from kasou.arch.x86_64.layout import ram_layout
-        from kasou.vmm.snapshot import MEMORY_FILE
-
-        layout = ram_layout(memory)
-        self._regions = list(zip(layout, file_offsets(layout), strict=True))
-        self._path = folder / MEMORY_FILE
-
-    def read(self, gpa: int, size: int) -> bytes:
-        for (start, length), offset in self._regions:
-            if start <= gpa and gpa + size <= start + length:
-                with open(self._path, "rb") as file:
-                    file.seek(offset + gpa - start)
-                    return file.read(size)
-        raise RuntimeError(f"{gpa:#x} is not in the snapshot's RAM")
+    return MemoryFile(folder / MEMORY_FILE, ram_layout(memory))
 
 
 # --- kasou ---------------------------------------------------------------------------------
@@ -289,7 +277,7 @@ def kasou_save(
 def kasou_restore(snapshot: Path, mib: int, folder: Path, name: str) -> tuple[float, float]:
     """Seconds from ``restore begins`` and from exec to the first KVM_RUN, once the
     restored guest has gone on from the pass it was saved in."""
-    saved = read_status(_SnapshotRam(snapshot, mib << 20)).pass_
+    saved = read_status(_snapshot_ram(snapshot, mib << 20)).pass_
     vm = KasouVm(folder, name, ["--restore", str(snapshot)])
     try:
         first = vm.stamp("first KVM_RUN")

@@ -15,7 +15,7 @@ import pytest
 from kasou.errors import HostError, SnapshotError
 from kasou.guestkit import FAIL_PREFIX
 from kasou.guestkit.memcheck import MemcheckStatus, read_status
-from kasou.memory import file_offsets
+from kasou.memory import MemoryFile
 from kasou.vmm import Vm, build_vm
 from kasou.vmm.lifecycle import VmState
 from kasou.vmm.snapshot import (
@@ -32,20 +32,8 @@ READY = "memcheck: ready"
 MIB = 8
 
 
-class _SnapshotMemory:
-    """A snapshot's memory file read by guest-physical address (for ``read_status``)."""
-
-    def __init__(self, folder: Path, layout: tuple[tuple[int, int], ...]) -> None:
-        self._path = folder / MEMORY_FILE
-        self._regions = list(zip(layout, file_offsets(layout), strict=True))
-
-    def read(self, gpa: int, size: int) -> bytes:
-        for (start, length), offset in self._regions:
-            if start <= gpa and gpa + size <= start + length:
-                with open(self._path, "rb") as file:
-                    file.seek(offset + gpa - start)
-                    return file.read(size)
-        raise AssertionError(f"{gpa:#x} is not in the snapshot's RAM")
+def _snapshot_memory(folder: Path, layout: tuple[tuple[int, int], ...]) -> MemoryFile:
+    return MemoryFile(folder / MEMORY_FILE, layout)
 
 
 def _wait_progress(vm: Vm, console: ConsoleCapture, after: int, passes: int = 3) -> None:
@@ -84,7 +72,7 @@ def test_snapshot_restore_goes_on_exactly(boot: BootFactory, tmp_path: Path) -> 
     folder = tmp_path / "snap"
     result = create_snapshot(booted.vm, folder)
     assert result["kind"] == "full" and booted.vm.state is VmState.RUNNING
-    saved = read_status(_SnapshotMemory(folder, booted.vm.memory.layout))
+    saved = read_status(_snapshot_memory(folder, booted.vm.memory.layout))
     assert saved.pages >= 2 * saved.area_pages
     # The source runs on after its snapshot.
     _wait_progress(booted.vm, booted.console, after=saved.pages, passes=1)
@@ -108,7 +96,7 @@ def test_ten_clones_go_on_from_one_snapshot(boot: BootFactory, tmp_path: Path) -
     folder = tmp_path / "snap"
     create_snapshot(booted.vm, folder, stop=True)
     assert booted.vm.wait(10) is not None
-    saved = read_status(_SnapshotMemory(folder, booted.vm.memory.layout))
+    saved = read_status(_snapshot_memory(folder, booted.vm.memory.layout))
     clones: list[tuple[Vm, ConsoleCapture]] = []
     scratch: list[Path] = []
     try:
@@ -120,7 +108,7 @@ def test_ten_clones_go_on_from_one_snapshot(boot: BootFactory, tmp_path: Path) -
         for vm, _ in clones:
             vm.close()
     # Each clone wrote its own copy of the pages: the snapshot is as it was.
-    again = read_status(_SnapshotMemory(folder, booted.vm.memory.layout))
+    again = read_status(_snapshot_memory(folder, booted.vm.memory.layout))
     assert again.pages == saved.pages
 
 
@@ -142,13 +130,13 @@ def test_diff_snapshots_merge_into_the_latest_state(boot: BootFactory, tmp_path:
     # pages, far fewer than the full snapshot's.
     assert 0 < second["pages"] < full_pages
     layout = booted.vm.memory.layout
-    latest = read_status(_SnapshotMemory(diff2, layout))
+    latest = read_status(_snapshot_memory(diff2, layout))
     with pytest.raises(SnapshotError, match="diff snapshot"):
         load_snapshot(diff2, scratch=[])
     with pytest.raises(SnapshotError, match="does not apply"):
         merge_snapshots(base, [diff2])
     merge_snapshots(base, [diff1, diff2])
-    assert read_status(_SnapshotMemory(base, layout)) == latest
+    assert read_status(_snapshot_memory(base, layout)) == latest
     restored, console = _restore(base, [])
     try:
         _wait_progress(restored, console, after=latest.pages)

@@ -578,3 +578,23 @@ def test_save_refuses_bitmaps_that_do_not_fit(tmp_path: Path, memory: GuestMemor
     with pytest.raises(SnapshotError, match="region 0 has 10 pages, the region 512"):
         save_memory(memory, tmp_path / "memory", only=[PageBitmap(10), PageBitmap(256)])
     assert not (tmp_path / "memory").exists()
+
+
+def test_a_memory_file_reads_by_guest_physical_address(tmp_path: Path) -> None:
+    from kasou.errors import GuestMemoryError
+    from kasou.memory import MemoryFile
+
+    layout = [(0, 1 << 20), (4 << 20, 1 << 20)]
+    memory = GuestMemory.create(layout)
+    try:
+        memory.write(0x1000, b"low")
+        memory.write((4 << 20) + 0x2000, b"high")
+        save_memory(memory, tmp_path / "memory.bin")
+    finally:
+        memory.close()
+    saved = MemoryFile(tmp_path / "memory.bin", layout)
+    assert saved.read(0x1000, 3) == b"low"
+    assert saved.read((4 << 20) + 0x2000, 4) == b"high"
+    assert saved.read(0x3000, 4) == bytes(4)  # a hole
+    with pytest.raises(GuestMemoryError):
+        saved.read(2 << 20, 1)  # between the regions

@@ -15,10 +15,17 @@ from kasou.memory.pages import PageBitmap
 from kasou.memory.size import format_size, host_memory_bytes, parse_size
 
 if TYPE_CHECKING:
-    from kasou.memory.snapfile import MemoryWrite, merge_memory, nonzero_pages, save_memory
+    from kasou.memory.snapfile import (
+        MemoryFile,
+        MemoryWrite,
+        merge_memory,
+        nonzero_pages,
+        save_memory,
+    )
 
 __all__ = [
     "GuestMemory",
+    "MemoryFile",
     "MemoryWrite",
     "PageBitmap",
     "Region",
@@ -32,7 +39,7 @@ __all__ = [
 ]
 
 
-_SNAPFILE = {"MemoryWrite", "merge_memory", "nonzero_pages", "save_memory"}
+_SNAPFILE = {"MemoryFile", "MemoryWrite", "merge_memory", "nonzero_pages", "save_memory"}
 
 
 def __getattr__(name: str) -> Any:

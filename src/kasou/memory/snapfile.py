@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kasou._sys import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, memcmp
-from kasou.errors import HostError, SnapshotError
+from kasou.errors import GuestMemoryError, HostError, SnapshotError
 from kasou.memory.guest import PAGE_SIZE, GuestMemory, Region, file_offsets
 from kasou.memory.pages import PageBitmap, byte_runs
 
-__all__ = ["MemoryWrite", "merge_memory", "nonzero_pages", "save_memory"]
+__all__ = ["MemoryFile", "MemoryWrite", "merge_memory", "nonzero_pages", "save_memory"]
 
 _CHUNK = 2 << 20  # checked for zeros in one memcmp; a non-zero chunk is then checked per page
 _CHUNK_PAGES = _CHUNK // PAGE_SIZE
@@ -63,6 +63,23 @@ class MemoryWrite(NamedTuple):
     """Bytes written: ``pages * 4096``."""
     seconds: float
     """Wall time from opening the file to its fsync returning."""
+
+
+class MemoryFile:
+    """A memory file read by guest-physical address, without mapping it: to look into a
+    snapshot's guest RAM (tools, tests). ``layout`` is the RAM layout it was saved with."""
+
+    def __init__(self, path: Path, layout: Sequence[tuple[int, int]]) -> None:
+        self.path = path
+        self._regions = list(zip(layout, file_offsets(layout), strict=True))
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """``size`` bytes at ``gpa`` (inside one region); a hole reads as zeros."""
+        for (start, length), offset in self._regions:
+            if start <= gpa and gpa + size <= start + length:
+                with open(self.path, "rb") as file:
+                    return os.pread(file.fileno(), size, offset + gpa - start)
+        raise GuestMemoryError(f"{gpa:#x}+{size:#x} is not inside the saved guest RAM")
 
 
 def save_memory(
