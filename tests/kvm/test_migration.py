@@ -310,3 +310,19 @@ def test_a_cancelled_migration_leaves_the_source_running(source: Source, tmp_pat
             follower.kill()
             follower.wait()
         listener.close()
+
+
+def test_the_sdk_migrates_and_reports(source: Source, tmp_path: Path) -> None:
+    from kasou.client import ControlClient
+
+    destination, incoming, log = _destination(tmp_path, "sdk")
+    try:
+        with ControlClient(source.sock) as client:
+            result = client.migrate(f"unix:{incoming}", downtime=0.1)
+        assert result["phase"] == "completed" and result["error"] is None
+        assert result["downtime"] > 0 and result["pages_sent"] > 0
+        assert source.process.wait(20) == 0
+        _wait("memcheck at the destination", lambda: len(_passes(log)) >= 2)
+    finally:
+        destination.terminate()
+        destination.wait(30)

@@ -415,8 +415,8 @@ def snapshot_create(
     from kasou.errors import KasouError
 
     try:
-        with ControlClient(sock, timeout=3600.0) as client:
-            result = client.request("snapshot", path=str(path.absolute()), diff=diff, stop=stop)
+        with ControlClient(sock) as client:
+            result = client.snapshot(path, diff=diff, stop=stop)
     except KasouError as error:
         _fail(error)
     if json_output:

@@ -89,6 +89,32 @@ class ControlClient:
                 "seconds": round(time.monotonic() - started, 3),
             }
 
+    def snapshot(
+        self, path: str | Path, *, diff: bool = False, stop: bool = False, timeout: float = 3600.0
+    ) -> dict[str, Any]:
+        """Write a snapshot of the VM to the folder ``path`` (``kasou snapshot create``):
+        ``{"path", "id", "kind", "pages", "bytes", "seconds", "paused_seconds", "state"}``."""
+        self._socket.settimeout(timeout)
+        return self.request("snapshot", path=str(Path(path).absolute()), diff=diff, stop=stop)
+
+    def migrate(
+        self, url: str, *, downtime: float = 0.3, poll: float = 0.1, timeout: float = 3600.0
+    ) -> dict[str, Any]:
+        """Send the VM to ``kasou run --incoming URL`` and wait for the migration to end;
+        returns its last progress (``phase`` "completed", "failed" or "cancelled", with
+        ``downtime``, ``bytes_sent``, ``seconds``, ``error``). The VM runs on here unless
+        the phase is "completed"."""
+        self.request("migrate", url=url, downtime=downtime)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.request("migration")
+            if state["phase"] in ("completed", "failed", "cancelled"):
+                return state
+            if time.monotonic() > deadline:
+                self.request("migrate-cancel")
+                return dict(self.request("migration"))
+            time.sleep(poll)
+
     def close(self) -> None:
         self._reader.close()
         self._socket.close()
