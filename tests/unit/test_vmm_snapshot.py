@@ -4,8 +4,10 @@ takes from the command line, the control requests, and hostile migration streams
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
@@ -295,3 +297,23 @@ def test_the_destination_refuses_a_bad_stream_before_building_anything(
             [stream_hello(), _frame(CONFIG, encode_state(plan)), _frame(PAGES, outside)],
             tmp_path,
         )
+
+
+def test_work_folders_of_a_killed_kasou_are_removed(tmp_path: Path) -> None:
+    from kasou.vmm.snapshot import remove_abandoned
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    snap = tmp_path / "snap"
+    abandoned = [
+        tmp_path / f".snap.tmp-{dead.pid}-0123abcd",
+        tmp_path / f".snap.merge-{dead.pid}-0123abcd",
+    ]
+    running = tmp_path / f".snap.tmp-{os.getpid()}-0123abcd"  # this process: still writing
+    other = tmp_path / f".other.tmp-{dead.pid}-0123abcd"  # another snapshot's
+    for folder in [*abandoned, running, other]:
+        folder.mkdir()
+        (folder / MEMORY_FILE).write_bytes(b"half")
+    assert sorted(remove_abandoned(snap)) == sorted(abandoned)
+    assert not any(folder.exists() for folder in abandoned)
+    assert running.exists() and other.exists()

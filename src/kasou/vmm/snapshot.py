@@ -64,6 +64,7 @@ __all__ = [
     "merge_snapshots",
     "preload_restore_modules",
     "quiesced",
+    "remove_abandoned",
     "restore_machine",
     "restored_nets",
     "restored_vsock",
@@ -203,6 +204,7 @@ def create_snapshot(
         )
     from kasou.memory import save_memory
 
+    remove_abandoned(path)
     work = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     with quiesced(vm, resume=not stop):
@@ -278,6 +280,31 @@ def _check_destination(path: Path) -> None:
             f"{path} exists and is not a kasou snapshot: give a new folder (an old snapshot "
             "there would be replaced)",
         )
+
+
+def remove_abandoned(path: Path) -> list[Path]:
+    """Remove the hidden work folders a killed kasou left beside ``path`` (a snapshot or
+    merge it was writing: ``.NAME.tmp-PID-*``, ``.NAME.merge-PID-*``) whose process is gone;
+    return them. A folder of a kasou still running is left alone."""
+    removed = []
+    for kind in ("tmp", "merge"):
+        for folder in path.parent.glob(f".{path.name}.{kind}-*-*"):
+            pid = folder.name[len(f".{path.name}.{kind}-") :].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _collect_pages(vm: Vm) -> list[PageBitmap]:
@@ -611,6 +638,7 @@ def merge_snapshots(base: Path, diffs: Sequence[Path]) -> dict[str, Any]:
             raise SnapshotError(f"{diff} has another memory layout than {base}")
         chain.append((diff, meta, sections))
         parent = meta.id
+    remove_abandoned(base)
     work = base.parent / f".{base.name}.merge-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     merged = 0
     try:
