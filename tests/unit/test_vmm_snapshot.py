@@ -317,3 +317,23 @@ def test_work_folders_of_a_killed_kasou_are_removed(tmp_path: Path) -> None:
     assert sorted(remove_abandoned(snap)) == sorted(abandoned)
     assert not any(folder.exists() for folder in abandoned)
     assert running.exists() and other.exists()
+
+
+def test_a_destination_told_to_stop_while_waiting_exits_cleanly(tmp_path: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    incoming = tmp_path / "in.sock"
+    kasou = str(Path(sys.executable).with_name("kasou"))
+    waiting = subprocess.Popen(
+        [kasou, "run", "--incoming", f"unix:{incoming}"], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while not incoming.exists():  # another process's start-up, with a deadline
+        assert waiting.poll() is None and time.monotonic() < deadline, waiting.stderr
+        time.sleep(0.02)
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(30) == 0
+    assert "Traceback" not in (waiting.stderr.read() if waiting.stderr else "")
+    assert not incoming.exists()

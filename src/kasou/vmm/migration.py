@@ -34,8 +34,10 @@ destination's RUNNING (one network round trip more than the true gap).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
@@ -60,7 +62,7 @@ from kasou.persist import (
 )
 from kasou.vmm.config import DiskConfig, NetConfig, VsockConfig
 from kasou.vmm.lifecycle import VmState
-from kasou.vmm.vcpu import GuestExit
+from kasou.vmm.vcpu import ExitKind, GuestExit
 from kasou.vmm.vm import Vm
 
 __all__ = ["Migration", "MigrationPlan", "parse_url", "run_incoming"]
@@ -536,24 +538,32 @@ def run_incoming(
     if clone:
         raise ConfigError("clone", "--clone is for --restore; a migrated VM is the same VM")
     listener = _listen(url)
-    try:
-        sys.stderr.write(f"kasou: waiting for a migration on {url}\n")
-        listener.settimeout(accept_timeout)
+    with _stop_signals_interrupt():
         try:
-            sock, peer = listener.accept()
-        except TimeoutError:
-            raise MigrationError(f"no migration arrived on {url}") from None
-    finally:
-        listener.close()
-        if url.startswith("unix:"):
-            Path(url[len("unix:") :]).unlink(missing_ok=True)
-    channel = _Channel(sock, f"the source ({peer or 'unix socket'})")
-    started = time.monotonic()
-    try:
-        image = _receive(channel, scratch, disks, nets, vsock, api_sock, console)
-    except BaseException:
-        channel.close()
-        raise
+            sys.stderr.write(f"kasou: waiting for a migration on {url}\n")
+            listener.settimeout(accept_timeout)
+            try:
+                sock, peer = listener.accept()
+            except TimeoutError:
+                raise MigrationError(f"no migration arrived on {url}") from None
+            except KeyboardInterrupt:
+                return GuestExit(ExitKind.STOPPED, "stopped while waiting for a migration")
+        finally:
+            listener.close()
+            if url.startswith("unix:"):
+                Path(url[len("unix:") :]).unlink(missing_ok=True)
+        channel = _Channel(sock, f"the source ({peer or 'unix socket'})")
+        started = time.monotonic()
+        try:
+            image = _receive(channel, scratch, disks, nets, vsock, api_sock, console)
+        except KeyboardInterrupt:
+            channel.close()
+            return GuestExit(
+                ExitKind.STOPPED, "stopped while a VM was arriving; it stays at its source"
+            )
+        except BaseException:
+            channel.close()
+            raise
     received = time.monotonic() - started
 
     def before_start(vm: Vm) -> None:
@@ -580,6 +590,29 @@ def run_incoming(
         return run(image.config, restore=image, before_start=before_start, on_boot=on_boot)
     finally:
         channel.close()
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """While no VM runs yet, SIGTERM and SIGHUP interrupt like Ctrl-C (KeyboardInterrupt),
+    so a destination told to stop cleans up (its socket, what arrived) and exits 0 as a
+    stopped ``kasou run`` does. The runner installs its own handlers once a VM runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _receive(
