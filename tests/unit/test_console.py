@@ -204,3 +204,53 @@ def test_keys_typed_on_a_terminal_go_through_the_escapes(
         console.close()
     assert bytes(serial.received) == b"ls" + CTRL_A
     assert termios.tcgetattr(0) == modes  # the terminal is given back as it was
+
+
+_STALLED_WRITER = """
+import sys
+from kasou.vmm.config import ConsoleConfig
+from kasou.vmm.console import OUTPUT_BACKLOG, Console
+
+console = Console(ConsoleConfig("stdio"), on_quit=lambda: None)
+line = b"0123456789abcdef" * 63 + b"\\n"  # about 1 KiB
+for index in range(OUTPUT_BACKLOG // len(line) * 2):  # twice what may wait
+    console.write(line)
+sys.stderr.write(f"written {console._output.dropped}\\n")
+sys.stderr.flush()
+sys.stdin.read()  # until the test has read stdout
+console.close()
+"""
+
+
+def test_stdout_that_nobody_reads_never_blocks_the_guest(tmp_path: Path) -> None:
+    """The guest writes 2 MiB to a pipe nobody reads (64 KiB fit in it): its writes all return
+    at once; up to the backlog waits and arrives in order, the rest is dropped."""
+    import select
+    import subprocess
+    import sys
+
+    from kasou.vmm.console import OUTPUT_BACKLOG
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_WRITER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert child.stderr is not None and child.stdout is not None and child.stdin is not None
+        ready, _, _ = select.select([child.stderr], [], [], 30)
+        assert ready, "the guest's writes blocked on a stdout nobody read"
+        said = child.stderr.readline().decode()
+        dropped = int(said.split()[1])
+        assert OUTPUT_BACKLOG // 2 <= dropped <= 2 * OUTPUT_BACKLOG
+        child.stdin.close()
+        output = child.stdout.read()
+        assert child.wait(30) == 0
+        line = b"0123456789abcdef" * 63 + b"\n"
+        assert len(output) + dropped == OUTPUT_BACKLOG // len(line) * 2 * len(line)
+        assert output == line * (len(output) // len(line))  # whole lines, in order
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

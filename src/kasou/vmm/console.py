@@ -4,6 +4,10 @@ On a terminal, stdin is put in raw mode so the guest's shell sees every key, and
 every way out (normal end, an error, a signal, ``atexit``). Ctrl-A X quits, as in QEMU;
 Ctrl-A Ctrl-A sends one Ctrl-A to the guest. Input the UART's FIFO cannot take yet waits
 here and is retried; nothing typed is dropped.
+
+Guest output to stdout is written by a thread of its own (``_Output``): a terminal or pipe
+that does not keep up (a pager, a reader that stopped reading) never blocks the vCPU that
+wrote the byte. Up to ``OUTPUT_BACKLOG`` bytes wait for it; beyond that, output is dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import atexit
 import os
 import termios
+import threading
 import tty
+from collections import deque
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
@@ -31,6 +37,64 @@ class SerialInput(Protocol):
 
 
 READ_SIZE = 4096
+OUTPUT_BACKLOG = 1 << 20  # bytes of guest output that may wait for a slow stdout
+OUTPUT_DRAIN_SECONDS = 2.0  # how long closing waits for what is still queued
+
+
+class _Output:
+    """Bytes for fd 1, written by a (daemon) thread started on the first write."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._queued = 0
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.dropped = 0  # bytes that found the backlog full
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` (called on a vCPU thread; never blocks on stdout)."""
+        with self._ready:
+            if self._closed or self._queued + len(data) > OUTPUT_BACKLOG:
+                self.dropped += len(data)
+                return
+            self._chunks.append(data)
+            self._queued += len(data)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="kasou-console-out", daemon=True
+                )
+                self._thread.start()
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._chunks or self._closed)
+                if not self._chunks:
+                    return
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+                self._queued = 0
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(1, view) :]
+            except BlockingIOError:
+                pass  # a non-blocking stdout that is full: this output is lost
+            except OSError:
+                with self._ready:  # the reader went away (EPIPE): drop from now on
+                    self._closed = True
+                return
+
+    def close(self) -> None:
+        """Write what is queued (waiting at most ``OUTPUT_DRAIN_SECONDS``), then stop."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(OUTPUT_DRAIN_SECONDS)
 
 
 class Console:
@@ -54,14 +118,12 @@ class Console:
         if config.kind == "file" and config.path is not None:
             self._file = open(config.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self.interactive = config.kind == "stdio" and os.isatty(0)
+        self._output = _Output() if config.kind == "stdio" else None
 
     def write(self, data: bytes) -> None:
         """Guest output (called on a vCPU thread, from the UART's THR write)."""
-        if self.config.kind == "stdio":
-            try:
-                os.write(1, data)
-            except (BlockingIOError, BrokenPipeError):
-                pass  # a reader that went away must not stop the guest
+        if self._output is not None:
+            self._output.write(data)
         elif self._file is not None:
             self._file.write(data)
 
@@ -167,6 +229,8 @@ class Console:
 
     def close(self) -> None:
         self._close_stdin()
+        if self._output is not None:
+            self._output.close()  # the guest's last words, before the terminal is restored
         self.restore()
         if self._file is not None:
             self._file.close()
