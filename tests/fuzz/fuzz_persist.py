@@ -15,6 +15,7 @@ are reached too.
 
 Run::
 
+    .venv/bin/python tests/fuzz/fuzz_persist.py --write-seeds corpus/
     .venv/bin/python tests/fuzz/fuzz_persist.py -max_total_time=20
     .venv/bin/python tests/fuzz/fuzz_persist.py -atheris_runs=100000 corpus/
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import atheris  # type: ignore[import-untyped]
 
@@ -35,8 +37,10 @@ with atheris.instrument_imports(include=["kasou.persist"]):
         check_stream_hello,
         decode_state,
         encode_state,
+        frame_header,
         pack_sections,
         read_frame,
+        stream_hello,
         unpack_sections,
     )
 
@@ -149,7 +153,26 @@ def test_one_input(data: bytes) -> None:
     read_damaged(data)
 
 
+def write_seeds(corpus: Path) -> None:
+    """Valid inputs to start from (a section file of encoded states, an encoded state,
+    frames, a hello), so the paths behind the magic and the CRCs are reached at once."""
+    queue = QueueState(0, True, 0x10000)
+    state = SampleState("blk", b"\x01" * 16, ((0x10, 7),), (queue,), queue, halted=True)
+    files = {
+        "sections": pack_sections({"vcpu0": encode_state(state), "empty": b""}),
+        "state": encode_state(state),
+        "frames": frame_header(1, b"page") + b"page" + frame_header(2, b""),
+        "hello": stream_hello(),
+    }
+    corpus.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (corpus / name).write_bytes(data)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--write-seeds"] and len(sys.argv) == 3:
+        write_seeds(Path(sys.argv[2]))
+        return
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
 

@@ -46,10 +46,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kasou.errors import ConfigError, KasouError, MigrationError, SnapshotError
-from kasou.memory import GuestMemory
+from kasou.memory import GuestMemory, PageBitmap
 from kasou.persist import (
     check_stream_hello,
     decode_state,
@@ -64,6 +64,9 @@ from kasou.vmm.config import DiskConfig, NetConfig, VsockConfig
 from kasou.vmm.lifecycle import VmState
 from kasou.vmm.vcpu import ExitKind, GuestExit
 from kasou.vmm.vm import Vm
+
+if TYPE_CHECKING:
+    from kasou.vmm.dirty import DirtyTracker
 
 __all__ = ["Migration", "MigrationPlan", "parse_url", "run_incoming"]
 
@@ -260,7 +263,7 @@ class Migration:
 
     def _run(self) -> None:
         from kasou.vmm.dirty import DirtyTracker
-        from kasou.vmm.snapshot import encode_config, quiesced, save_machine
+        from kasou.vmm.snapshot import encode_config
 
         vm = self.vm
         sock = socket.socket(self.family, socket.SOCK_STREAM)
@@ -295,7 +298,7 @@ class Migration:
             self.phase = "copying"
             started = time.monotonic()
             self._send_batches(channel, _all_pages(vm.memory))
-            self._measure(time.monotonic() - started, channel)
+            self.bandwidth = channel.sent / max(time.monotonic() - started, 1e-6)
             while True:
                 self._check_cancel()
                 self.round += 1
@@ -314,14 +317,11 @@ class Migration:
                 self._send_batches(channel, _dirty_pages(vm.memory, dirty))
                 elapsed = time.monotonic() - started
                 self.bandwidth = (channel.sent - sent_before) / max(elapsed, 1e-6)
-            self._stop_and_copy(channel, tracker, dirty, quiesced, save_machine)
+            self._stop_and_copy(channel, tracker, dirty)
         finally:
             self._stop_throttle()
             tracker.stop()
             channel.close()
-
-    def _measure(self, elapsed: float, channel: _Channel) -> None:
-        self.bandwidth = channel.sent / max(elapsed, 1e-6)
 
     def _send_batches(self, channel: _Channel, batches: Iterator[tuple[bytes, int]]) -> None:
         for payload, pages in batches:
@@ -331,15 +331,12 @@ class Migration:
             self.bytes_sent = channel.sent
 
     def _stop_and_copy(
-        self,
-        channel: _Channel,
-        tracker: Any,
-        dirty: Sequence[Any],
-        quiesced: Any,
-        save_machine: Any,
+        self, channel: _Channel, tracker: DirtyTracker, dirty: Sequence[PageBitmap]
     ) -> None:
         """Pause the guest; send the pages still dirty (``dirty``, left by the last round,
         and what was written since), the scratch disks and every state; hand over."""
+        from kasou.vmm.snapshot import quiesced, save_machine
+
         vm = self.vm
         self.phase = "stop-and-copy"
         with quiesced(vm) as _:

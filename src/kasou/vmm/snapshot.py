@@ -215,7 +215,7 @@ def create_snapshot(
             if extra is not None:
                 sections.update(extra())
             disks = _save_disks(vm, work)
-            pages = _collect_pages(vm) if diff else None
+            pages = vm.dirty.collect() if diff and vm.dirty is not None else None
             written = save_memory(vm.memory, work / MEMORY_FILE, only=pages)
             meta = SnapshotMeta(
                 id=uuid.uuid4().hex,
@@ -305,11 +305,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
-
-
-def _collect_pages(vm: Vm) -> list[PageBitmap]:
-    assert vm.dirty is not None
-    return vm.dirty.collect()
 
 
 def _save_disks(vm: Vm, folder: Path) -> tuple[str | None, ...]:
