@@ -406,7 +406,8 @@ def _read_status(workdir: Path, process: subprocess.Popen[bytes], output: str) -
 
 def _timeout_context(workdir: Path) -> str:
     if (workdir / "share" / "started").exists():
-        return "; the command was still running: give it a longer timeout"
+        # the outer kernel's own warnings (a stalled RCU, a hung task) say why, if it knew
+        return "; the command was still running: give it a longer timeout" + _diagnostics(workdir)
     return "; it had not started the command (stuck while booting)" + _diagnostics(workdir)
 
 
