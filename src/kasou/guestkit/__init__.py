@@ -104,6 +104,12 @@ vbad       ``sector=S`` (1): malformed chains on the first block device, one lin
            endless chain), ``indirect-length`` (an indirect table of 52 bytes). Then the
            first device must serve a read (``vbad first-device ok``) and the second block
            device a write and read of sector S (``vbad second-device ok``): ``vbad ok``.
+hostile    ``count=N seed=S`` (100000, 1): a guest attacking its VMM: N random port writes
+           and reads (1, 2 or 4 bytes), writes and reads of random registers in the virtio-mmio
+           windows, and of random addresses in the MMIO hole below 4 GiB, from a xorshift64
+           seeded with S. It spares COM1, the reset and power-off registers, debug-exit and
+           the in-kernel PIC/PIT/IOAPIC/LAPIC. ``hostile start count=N``, ``hostile ops=K``
+           every 65536, ``hostile done ops=N``.
 ========== ===================================================================================
 
 The virtio workloads (virtio 1.2, virtio-mmio version 2 only, split virtqueues) run in ring 3
@@ -180,6 +186,7 @@ WORKLOADS = (
     "vnet",
     "vsock",
     "vbad",
+    "hostile",
 )
 BOOT_PREFIX = "kasou-guest: boot="
 VNET_ETHERTYPE = 0x88B5  # IEEE 802 local experimental ethertype 1: the vnet workload's frames

@@ -224,6 +224,7 @@ __attribute__((noreturn)) void user_mmio(const struct user_args *args);
 __attribute__((noreturn)) void user_irq(const struct user_args *args);
 __attribute__((noreturn)) void user_counter(const struct user_args *args);
 __attribute__((noreturn)) void user_memcheck(const struct user_args *args);
+__attribute__((noreturn)) void user_hostile(const struct user_args *args);
 
 /* vwork.c: the virtio workloads, in ring 3. */
 __attribute__((noreturn)) void user_vlist(const struct user_args *args);

@@ -1083,6 +1083,7 @@ static const struct {
 	{ "vnet", NULL, user_vnet },
 	{ "vsock", NULL, user_vsock },
 	{ "vbad", NULL, user_vbad },
+	{ "hostile", NULL, user_hostile },
 };
 
 /* ------------------------------------------------------------- entry */

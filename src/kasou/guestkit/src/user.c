@@ -311,3 +311,89 @@ void user_memcheck(const struct user_args *args)
 		}
 	}
 }
+
+/*
+ * hostile count=N seed=S (100000, 1): a guest that attacks its VMM. N times,
+ * with a xorshift64 generator seeded by S, it writes a random value of a random
+ * width (1, 2 or 4 bytes) to a random I/O port, reads one, or writes or reads a
+ * random register of a virtio-mmio window (0xd0000000 + n * 4 KiB, n < 32) or
+ * a random address of the MMIO hole below 4 GiB (no RAM there in a small VM):
+ * queue addresses, sizes, status bits and notifications the device must treat
+ * as untrusted. It leaves alone what would end or silence the guest itself
+ * rather than test the VMM: COM1 (its report), the i8042 and port 0x92 and
+ * 0xcf9 (resets), the ACPI PM block 0x600-0x60f (power-off), the debug-exit
+ * ports 0xf4-0xf7, and the in-kernel PIC, PIT, ELCR, IOAPIC and LAPIC (KVM's,
+ * not kasou's, and able to interrupt it). Prints "hostile ops=K" every 2^16
+ * operations and "hostile done ops=N".
+ */
+static uint64_t xorshift(uint64_t *state)
+{
+	uint64_t x = *state;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*state = x;
+	return x;
+}
+
+static bool hostile_port_skipped(uint64_t port)
+{
+	return (port >= COM1 && port <= COM1 + 7) || port == 0x60 || port == 0x64 ||
+	       port == 0x92 || (port >= 0xcf8 && port <= 0xcff) ||
+	       (port >= 0x600 && port <= 0x60f) || (port >= 0xf4 && port <= 0xf7) ||
+	       (port >= 0x20 && port <= 0x21) || (port >= 0xa0 && port <= 0xa1) ||
+	       (port >= 0x40 && port <= 0x43) || (port >= 0x4d0 && port <= 0x4d1);
+}
+
+static bool hostile_address_skipped(uint64_t addr)
+{
+	return (addr >= 0xfec00000UL && addr < 0xfec01000UL) ||
+	       (addr >= 0xfee00000UL && addr < 0xfee01000UL);
+}
+
+void user_hostile(const struct user_args *args)
+{
+	uint64_t count = uarg(args, "count", 100000);
+	uint64_t state = uarg(args, "seed", 1) | 1;
+	uint64_t i;
+
+	uprintf("hostile start count=%lu\n", count);
+	for (i = 0; i < count; i++) {
+		uint64_t r = xorshift(&state);
+		uint64_t value = xorshift(&state);
+		unsigned int kind = r % 8;
+
+		if (kind < 3) {
+			uint64_t port = (r >> 8) & 0xffff;
+			unsigned int width = (r >> 24) % 3;
+
+			if (hostile_port_skipped(port))
+				continue;
+			if (kind == 2)
+				svc(SVC_INB + 2 * width, port, 0);
+			else
+				svc(SVC_OUTB + 2 * width, port, value);
+		} else if (kind < 7) {
+			uint64_t addr = TEST_MMIO_BASE + ((r >> 8) % 32) * 0x1000 + ((r >> 16) & 0xffc);
+
+			if (kind == 6)
+				(void)mmio_r32(addr);
+			else
+				mmio_w32(addr, (uint32_t)value);
+		} else {
+			uint64_t addr = 0xc0000000UL + ((r >> 8) & 0x3ffffffcUL);
+
+			if (hostile_address_skipped(addr))
+				continue;
+			if (r & (1UL << 40))
+				(void)mmio_r32(addr);
+			else
+				mmio_w32(addr, (uint32_t)value);
+		}
+		if ((i & 0xffff) == 0xffff)
+			uprintf("hostile ops=%lu\n", i + 1);
+	}
+	uprintf("hostile done ops=%lu\n", count);
+	udone();
+}
