@@ -30,7 +30,10 @@ Sections (issue: core VMM):
 - distro: Debian 12 as users bring it (the image `kasou image build --distro debian-12`
   makes), kasou `run --image` beside QEMU -M microvm,acpi=on with the same kernel, initramfs
   and disk: process start to systemd's multi-user target (bench/distro_boot.py), where
-  Linux boots, as for boot.
+  Linux boots, as for boot;
+- isolation: the cost of seccomp and `--jail` on the exit round trip, random-read IOPS and
+  start, and how closely `--cpus-quota` and a disk's `bw=`/`iops=` limits hold
+  (bench/isolation.py).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import isolation
 import kasou_peer
 import qemu_peer
 import snapshot
@@ -177,6 +181,7 @@ def main() -> int:
             "virtio-guest",
             "distro",
             "snapshot",
+            "isolation",
         ),
         action="append",
     )
@@ -193,7 +198,8 @@ def main() -> int:
 
     print(probe_host().backend.value)
     sections = args.only or [
-        "exits", "start", "memory", "virtio-blk", "snapshot", "boot", "virtio-guest", "distro"
+        "exits", "start", "memory", "virtio-blk", "snapshot", "isolation", "boot",
+        "virtio-guest", "distro",
     ]  # fmt: skip
     if "exits" in sections:
         bench_exits(elf, args.count, args.repeats, with_qemu)
@@ -205,6 +211,8 @@ def main() -> int:
         virtio_blk.bench_virtio_blk(elf, args.repeats, with_qemu)
     if "snapshot" in sections:
         snapshot.bench_snapshot(elf, args.repeats, with_qemu)
+    if "isolation" in sections:
+        isolation.bench_isolation(elf, args.repeats, args.count // 2)
     if "boot" in sections:
         bench_boot(args.boot_runs)
     if "virtio-guest" in sections:

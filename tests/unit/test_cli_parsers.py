@@ -31,7 +31,10 @@ COMMANDS = {
     "disk",
     "devices",
     "balloon",
+    "reclaim",
     "cp",
+    "limits",
+    "rate-limit",
 }
 # Every command a user can run, as words after "kasou" (groups name their subcommands).
 LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image", "disk", "snapshot"})] + [

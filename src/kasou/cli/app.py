@@ -104,12 +104,25 @@ def run(
             help="No ACPI tables (CPUs from the MP table, no power button for `kasou shutdown`).",
         ),
     ] = False,
+    no_seccomp: Annotated[
+        bool,
+        typer.Option(
+            "--no-seccomp", help="No seccomp allow-lists on kasou's threads (on by default)."
+        ),
+    ] = False,
     balloon: Annotated[
         bool,
         typer.Option(
             "--balloon", help="A virtio-balloon device (target set through the control socket)."
         ),
     ] = False,
+    reclaim: Annotated[
+        str | None,
+        typer.Option(
+            help="With --balloon: inflate it under host memory pressure, "
+            "max=SIZE[,min-free=SIZE|PERCENT][,step=SIZE][,interval=SECONDS] (see kasou reclaim)."
+        ),
+    ] = None,
     virtio_console: Annotated[
         str | None,
         typer.Option(help="A virtio-console (hvc0, plus a second port on sock=PATH)."),
@@ -150,6 +163,47 @@ def run(
             "run it."
         ),
     ] = None,
+    cpus_quota: Annotated[
+        str | None,
+        typer.Option(
+            help="CPU time kasou may use, in host CPUs (0.5: half of one). Changeable: kasou "
+            "limits."
+        ),
+    ] = None,
+    cpu_weight: Annotated[
+        str | None,
+        typer.Option(help="kasou's share of contended CPUs, 1-10000 (default 100)."),
+    ] = None,
+    cpu_pin: Annotated[
+        str | None,
+        typer.Option(help="Pin vCPU threads to host CPUs: VCPU=CPU,... like 0=2,1=3."),
+    ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory kasou may use, guest RAM included, like 1G (at least RAM + 16M; give "
+            "64M more to be safe)."
+        ),
+    ] = None,
+    pids_limit: Annotated[str | None, typer.Option(help="Tasks (threads) kasou may have.")] = None,
+    jail: Annotated[
+        bool,
+        typer.Option(
+            "--jail",
+            help="Run the VMM jailed (root only): its own namespaces and root folder, an "
+            "unprivileged uid without capabilities.",
+        ),
+    ] = False,
+    jail_dir: Annotated[
+        str | None,
+        typer.Option(help="With --jail: where jail folders are made. Default: /run/kasou/jail"),
+    ] = None,
+    jail_uid: Annotated[
+        int | None, typer.Option(help="With --jail: the VMM's uid (not 0). Default: 64990")
+    ] = None,
+    jail_gid: Annotated[
+        int | None, typer.Option(help="With --jail: the VMM's gid (not 0). Default: 64990")
+    ] = None,
 ) -> None:
     """Boot a guest and attach its serial console (Ctrl-A X quits).
 
@@ -174,13 +228,24 @@ def run(
             "vsock": vsock,
             "rng": rng,
             "no_acpi": no_acpi,
+            "no_seccomp": no_seccomp,
             "balloon": balloon,
+            "reclaim": reclaim,
             "virtio_console": virtio_console,
             "cloud_init": cloud_init,
             "debug_exit": debug_exit,
             "restore": restore,
             "clone": clone,
             "incoming": incoming,
+            "cpus_quota": cpus_quota,
+            "cpu_weight": cpu_weight,
+            "cpu_pin": cpu_pin,
+            "memory_limit": memory_limit,
+            "pids_limit": pids_limit,
+            "jail": jail,
+            "jail_dir": jail_dir,
+            "jail_uid": jail_uid,
+            "jail_gid": jail_gid,
         }
     )
     raise typer.Exit(status)
@@ -271,6 +336,61 @@ def balloon(
         _request(sock, "balloon")
     else:
         _request(sock, "balloon", target=target)
+
+
+@app.command(epilog="Example: kasou reclaim --sock /tmp/vm.sock --max 1G --min-free 5%")
+def reclaim(
+    sock: SockOption,
+    limit: Annotated[
+        str | None,
+        typer.Option("--max", help="The most kasou may inflate the balloon to, like 1G."),
+    ] = None,
+    min_free: Annotated[
+        str | None,
+        typer.Option(help="Host MemAvailable below which kasou reclaims: a size, or 5%."),
+    ] = None,
+    step: Annotated[str | None, typer.Option(help="How much one move takes, like 64M.")] = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between readings.")] = None,
+) -> None:
+    """Show the memory reclaim of a VM run with --balloon --reclaim (the host's pressure,
+    the balloon target, what kasou took back), or change its policy."""
+    given = {"max": limit, "min_free": min_free, "step": step, "interval": interval}
+    _request(sock, "reclaim", **{key: value for key, value in given.items() if value is not None})
+
+
+@app.command(
+    "rate-limit", epilog="Example: kasou rate-limit --sock /tmp/vm.sock block0 --bw 10M --iops 500"
+)
+def rate_limit(
+    sock: SockOption,
+    device: Annotated[str, typer.Argument(help="The disk or interface, as in `kasou devices`.")],
+    bw: Annotated[str | None, typer.Option(help="Disk bytes a second, like 10M.")] = None,
+    iops: Annotated[str | None, typer.Option(help="Disk requests a second.")] = None,
+    bw_burst: Annotated[str | None, typer.Option(help="One-time extra bytes.")] = None,
+    iops_burst: Annotated[str | None, typer.Option(help="One-time extra requests.")] = None,
+    rx_bw: Annotated[str | None, typer.Option(help="Bytes a second to the guest.")] = None,
+    rx_pps: Annotated[str | None, typer.Option(help="Frames a second to the guest.")] = None,
+    tx_bw: Annotated[str | None, typer.Option(help="Bytes a second from the guest.")] = None,
+    tx_pps: Annotated[str | None, typer.Option(help="Frames a second from the guest.")] = None,
+) -> None:
+    """Show or change a disk's or network interface's rate limits, live; `none` removes
+    one. Prints the limits and how often and how long the device was held back."""
+    given = {
+        "bw": bw,
+        "iops": iops,
+        "bw_burst": bw_burst,
+        "iops_burst": iops_burst,
+        "rx_bw": rx_bw,
+        "rx_pps": rx_pps,
+        "tx_bw": tx_bw,
+        "tx_pps": tx_pps,
+    }
+    changes = {
+        key: None if value.lower() == "none" else value
+        for key, value in given.items()
+        if value is not None
+    }
+    _request(sock, "rate-limit", device=device, **changes)
 
 
 @app.command(epilog="Example: kasou stop --sock /tmp/vm.sock")
@@ -628,6 +748,66 @@ def nested(
     except KasouError as error:
         _fail(error)
     raise typer.Exit(result.status)
+
+
+@app.command(epilog="Example: kasou limits --sock /tmp/vm.sock --cpus-quota 0.5 --cpu-pin 0=1")
+def limits(
+    sock: SockOption,
+    cpus_quota: Annotated[
+        str | None, typer.Option(help="CPU time in host CPUs, like 0.5; none lifts it.")
+    ] = None,
+    cpu_weight: Annotated[
+        str | None, typer.Option(help="Share of contended CPUs, 1-10000; none lifts it.")
+    ] = None,
+    cpu_pin: Annotated[
+        str | None, typer.Option(help="VCPU=CPU,... like 0=2,1=3; none unpins every vCPU.")
+    ] = None,
+    memory_limit: Annotated[
+        str | None, typer.Option(help="Memory, guest RAM included, like 1G; none lifts it.")
+    ] = None,
+    pids_limit: Annotated[str | None, typer.Option(help="Tasks kasou may have.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Show a VM's CPU, memory and task limits, its vCPUs' host CPUs and what it uses; change
+    any of them while it runs."""
+    from kasou.client import ControlClient
+    from kasou.errors import KasouError
+
+    given = {
+        "cpus_quota": cpus_quota,
+        "cpu_weight": cpu_weight,
+        "cpu_pin": cpu_pin,
+        "memory_limit": memory_limit,
+        "pids_limit": pids_limit,
+    }
+    changes = {
+        name: None if value == "none" else value
+        for name, value in given.items()
+        if value is not None
+    }
+    try:
+        with ControlClient(sock) as client:
+            result = client.limits(**changes)
+    except KasouError as error:
+        _fail(error)
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    usage = result["usage"]
+    rows = [
+        ("cpus quota", result["cpus_quota"], f"{usage['cpu_seconds']:.2f} s CPU used"),
+        ("cpu weight", result["cpu_weight"], ""),
+        ("memory limit", result["memory_limit"], f"{usage['memory_bytes']} bytes used"),
+        ("pids limit", result["pids_limit"], f"{usage['tasks']} tasks"),
+    ]
+    for name, value, used in rows:
+        typer.echo(f"{name:<13} {'-' if value is None else value!s:<12} {used}")
+    for vcpu in result["vcpus"]:
+        pinned = result["cpu_pin"].get(str(vcpu["vcpu"]))
+        typer.echo(
+            f"vcpu{vcpu['vcpu']:<9} {'-' if pinned is None else pinned!s:<12} may run on "
+            f"{vcpu['cpus']}, last on {vcpu['last_cpu']} (thread {vcpu['tid']})"
+        )
 
 
 @app.command(epilog="Example: kasou demo --vcpus 2")

@@ -64,9 +64,18 @@ def run_vm(options: dict[str, object]) -> int:
         from kasou.vmm.runner import print_crash, run
 
         if options.get("restore") or options.get("incoming") or options.get("clone"):
+            if options.get("jail"):
+                from kasou.errors import ConfigError
+
+                raise ConfigError("jail", "--jail runs a new VM: not with --restore or --incoming")
             ending = _run_saved(options, scratch)
         else:
-            ending = run(_config(options, scratch))
+            config = _config(options, scratch)
+            if config.jail is not None:
+                from kasou.vmm.jailed import run_jailed_vm
+
+                return run_jailed_vm(config)  # the VMM ran, and reported, in the jail
+            ending = run(config)
     except KasouError as error:
         sys.stderr.write(f"kasou: error: {error}\n")
         return 2
@@ -94,6 +103,7 @@ _BOOT_OPTIONS = (
     "rng",
     "no_acpi",
     "balloon",
+    "reclaim",
     "virtio_console",
     "debug_exit",
 )
@@ -151,6 +161,7 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
         parse_vsock,
     )
 
+    limits = _limits(options)  # before any guest is built or overlay made
     kernel, initrd, cmdline = options.get("kernel"), options.get("initrd"), options["cmdline"]
     # --initrd is repeatable: a Multiboot kernel's modules; a Linux kernel takes one.
     initrds = [str(text) for text in initrd or ()]  # type: ignore[attr-defined]
@@ -162,6 +173,8 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
     virtio_console = parse_virtio_console(str(console_text)) if console_text is not None else None
     api_sock = Path(str(options["api_sock"])) if options.get("api_sock") else None
     rng = bool(options.get("rng"))
+    reclaim = _reclaim(options)
+    jail = _jail(options)
     cloud_init = options.get("cloud_init")
     # Built first: bad user-data is refused before the default guest is built or any
     # overlay is made.
@@ -218,11 +231,87 @@ def _config(options: dict[str, object], scratch: list[Path]) -> Any:
         vsock=vsock,
         rng=rng,
         acpi=not options.get("no_acpi"),
+        seccomp=not options.get("no_seccomp"),
         virtio_cmdline=not known_acpi_kernel,
         balloon=bool(options.get("balloon")),
+        reclaim=reclaim,
         virtio_console=virtio_console,
         debug_exit=debug_exit,
+        jail=jail,
+        limits=limits,
     )
+
+
+def _limits(options: dict[str, object]) -> Any:
+    """``--cpus-quota``, ``--cpu-weight``, ``--cpu-pin``, ``--memory-limit``,
+    ``--pids-limit`` as ``kasou.resources.ResourceLimits``; None when none is given."""
+    names = ("cpus_quota", "cpu_weight", "cpu_pin", "memory_limit", "pids_limit")
+    if all(options.get(name) is None for name in names):
+        return None
+    from kasou.errors import ConfigError
+    from kasou.memory import parse_size
+    from kasou.resources import (
+        ResourceLimits,
+        parse_cpu_pin,
+        parse_cpu_weight,
+        parse_cpus_quota,
+        parse_pids_limit,
+    )
+
+    memory_limit = None
+    if options.get("memory_limit") is not None:
+        try:
+            memory_limit = parse_size(str(options["memory_limit"]))
+        except ValueError as error:
+            raise ConfigError("memory-limit", str(error)) from None
+
+    def given(name: str, parse: Any) -> Any:
+        value = options.get(name)
+        return None if value is None else parse(str(value))
+
+    return ResourceLimits(
+        cpus_quota=given("cpus_quota", parse_cpus_quota),
+        cpu_weight=given("cpu_weight", parse_cpu_weight),
+        cpu_pin=given("cpu_pin", parse_cpu_pin) or (),
+        memory_limit=memory_limit,
+        pids_limit=given("pids_limit", parse_pids_limit),
+    )
+
+
+def _jail(options: dict[str, object]) -> Any:
+    """``--jail``'s settings (``kasou.jail``), or None; its options alone are refused."""
+    from kasou.jail import DEFAULT_BASE, DEFAULT_ID, JailConfig, check_jail
+
+    given = [name for name in ("jail_dir", "jail_uid", "jail_gid") if options.get(name) is not None]
+    if not options.get("jail"):
+        if given:
+            from kasou.errors import ConfigError
+
+            flag = given[0].replace("_", "-")
+            raise ConfigError(flag, f"--{flag} is for a jailed VM: add --jail")
+        return None
+    uid, gid = options.get("jail_uid"), options.get("jail_gid")
+    jail = JailConfig(
+        base=Path(str(options.get("jail_dir") or DEFAULT_BASE)),
+        uid=DEFAULT_ID if uid is None else int(str(uid)),
+        gid=DEFAULT_ID if gid is None else int(str(gid)),
+    )
+    check_jail(jail)  # before the default guest is built or an overlay made
+    return jail
+
+
+def _reclaim(options: dict[str, object]) -> Any:
+    """``--reclaim``'s policy (checked against the guest by ``VmConfig``), or None; refused
+    before anything is built when it is malformed or has no balloon to inflate."""
+    text = options.get("reclaim")
+    if text is None:
+        return None
+    from kasou.errors import ConfigError
+    from kasou.vmm.reclaim import parse_reclaim
+
+    if not options.get("balloon"):
+        raise ConfigError("reclaim", "--reclaim inflates the balloon: add --balloon")
+    return parse_reclaim(str(text))
 
 
 def _cloud_init_seed(text: str, scratch: list[Path]) -> Any:

@@ -77,11 +77,23 @@ RUN_OPTIONS = (
         flag=True,
     ),
     RunOption(
+        "no-seccomp",
+        "No seccomp allow-lists on kasou's threads (on by default).",
+        False,
+        bool,
+        flag=True,
+    ),
+    RunOption(
         "balloon",
         "A virtio-balloon device (target set through the control socket).",
         False,
         bool,
         flag=True,
+    ),
+    RunOption(
+        "reclaim",
+        "With --balloon: inflate it under host memory pressure, "
+        "max=SIZE[,min-free=SIZE|PERCENT][,step=SIZE][,interval=SECONDS] (see kasou reclaim).",
     ),
     RunOption("virtio-console", "A virtio-console (hvc0, plus a second port on sock=PATH)."),
     RunOption(
@@ -111,6 +123,29 @@ RUN_OPTIONS = (
         "incoming",
         "Wait for a VM sent by `kasou migrate` on tcp://ADDR:PORT or unix:PATH, then run it.",
     ),
+    RunOption(
+        "cpus-quota",
+        "CPU time kasou may use, in host CPUs (0.5: half of one). Changeable: kasou limits.",
+    ),
+    RunOption("cpu-weight", "kasou's share of contended CPUs, 1-10000 (default 100)."),
+    RunOption("cpu-pin", "Pin vCPU threads to host CPUs: VCPU=CPU,... like 0=2,1=3."),
+    RunOption(
+        "memory-limit",
+        "Memory kasou may use, guest RAM included, like 1G (at least RAM + 16M; give 64M "
+        "more to be safe).",
+    ),
+    RunOption("pids-limit", "Tasks (threads) kasou may have."),
+    RunOption(
+        "jail",
+        "Run the VMM jailed (root only): its own namespaces and root folder, an unprivileged "
+        "uid without capabilities.",
+        False,
+        bool,
+        flag=True,
+    ),
+    RunOption("jail-dir", "With --jail: where jail folders are made. Default: /run/kasou/jail"),
+    RunOption("jail-uid", "With --jail: the VMM's uid (not 0). Default: 64990", kind=int),
+    RunOption("jail-gid", "With --jail: the VMM's gid (not 0). Default: 64990", kind=int),
 )
 
 RUN_EXAMPLE = (

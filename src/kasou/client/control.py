@@ -115,6 +115,31 @@ class ControlClient:
                 return dict(self.request("migration"))
             time.sleep(poll)
 
+    def reclaim(self, **changes: int | float | str) -> dict[str, Any]:
+        """The VM's memory reclaim (``kasou run --reclaim``): its policy, the host's last
+        reading (``host``: MemAvailable, PSI, whether under pressure), the balloon target,
+        the user's own (``user_target``), what kasou took back above it (``taken``) and its
+        recent moves (``history``). Keyword arguments change the policy first: ``max``,
+        ``min_free`` (bytes, "512M" or "10%"), ``step``, ``interval`` (seconds), ``psi``
+        (percent), ``calm`` (readings)."""
+        return self.request("reclaim", **changes)
+
+    def rate_limit(self, device: str, **limits: str | int | None) -> dict[str, Any]:
+        """Show, or change, the rate limits of a disk or interface (``device`` as in
+        ``devices``: block0, net0): ``bw``, ``iops`` (disks), ``rx_bw``, ``rx_pps``,
+        ``tx_bw``, ``tx_pps`` (interfaces) and each with ``_burst``; a bandwidth is bytes a
+        second or a size like "10M", ``None`` removes a limit. Returns the limits and what
+        throttling did (``delayed`` requests, ``throttled_seconds``)."""
+        return self.request("rate-limit", device=device, **limits)
+
+    def limits(self, **changes: float | int | str | dict[str, int] | None) -> dict[str, Any]:
+        """The VM's CPU, memory and task limits, its vCPUs' pinning and measured usage
+        (``cpu_seconds``, ``memory_bytes``, ``tasks``); with any of ``cpus_quota``,
+        ``cpu_weight``, ``cpu_pin`` ("0=2,1=3"), ``memory_limit`` ("1G"), ``pids_limit``,
+        applies them first (None lifts one). A bad value raises ``RemoteError``, nothing
+        changed."""
+        return self.request("limits", **changes)
+
     def close(self) -> None:
         self._reader.close()
         self._socket.close()

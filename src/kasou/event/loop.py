@@ -36,8 +36,12 @@ Handler = Callable[[int], None]  # called with the epoll event mask
 class EventLoop:
     """epoll over fds with handlers; ``call_soon`` runs a function on the loop thread."""
 
-    def __init__(self, name: str = "kasou-events") -> None:
+    def __init__(
+        self, name: str = "kasou-events", on_start: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
+        # Run first on the loop's thread, once it is named (a seccomp filter's installation).
+        self.on_start = on_start
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._handlers: dict[int, Handler] = {}
@@ -157,6 +161,8 @@ class EventLoop:
 
     def _run(self) -> None:
         set_thread_name(self.name)
+        if self.on_start is not None:
+            self.on_start()
         while not self._stopping:
             timeout = -1.0
             if self._timers:

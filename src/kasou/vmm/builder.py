@@ -455,7 +455,14 @@ def _wire_virtio(
 
 
 def _start_loop(vm: Vm, loop: Any) -> Any:
-    loop.start()
+    from kasou.jail.seccomp import Seccomp
+
+    guard = Seccomp.active() if vm.config.seccomp else None
+    if guard is None:
+        loop.start()
+    else:  # started from the supervisor, installing the device list first (jail/seccomp.py)
+        loop.on_start = guard.hook("device")
+        guard.spawn(loop.start)
     vm.loops.append(loop)
     vm._cleanup.callback(loop.stop)  # stopping twice is harmless; this one covers failures
     return loop
@@ -489,7 +496,16 @@ def _make_virtio_device(
 
         net = planned.config
         assert isinstance(net, NetConfig)
-        return Net(reactor, open_tap(net.tap), mac=net.mac, name=planned.id)
+        from kasou.vmm.jailed import adopted_tap  # a jail opened it before dropping root
+
+        return Net(
+            reactor,
+            adopted_tap(planned.id) or open_tap(net.tap),
+            mac=net.mac,
+            name=planned.id,
+            rx_rate=net.rx_rate,
+            tx_rate=net.tx_rate,
+        )
     if planned.kind == "vsock":
         from kasou.devices.virtio.vsock import Vsock
 

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from kasou.devices.ratelimit import RateLimit, check_rate, parse_rate, rate_words
 from kasou.errors import ConfigError
+from kasou.jail import JailConfig
 from kasou.memory import format_size, host_memory_bytes, parse_size
+from kasou.resources import ResourceLimits  # a type msgspec resolves in saved configs
+from kasou.vmm.reclaim import ReclaimConfig, check_reclaim
 
 __all__ = [
     "ConsoleConfig",
@@ -59,7 +63,8 @@ def parse_console(text: str) -> ConsoleConfig:
 
 
 class DiskConfig(NamedTuple):
-    """One virtio-blk disk: ``--disk PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=N]``."""
+    """One virtio-blk disk: ``--disk PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=N]
+    [,bw=RATE][,iops=N][,bw-burst=BYTES][,iops-burst=N]`` (``devices/ratelimit.py``)."""
 
     path: Path
     read_only: bool = False
@@ -69,14 +74,19 @@ class DiskConfig(NamedTuple):
     # Made by kasou for this run and deleted when it ends (the default guest's overlay, a
     # cloud-init seed): a snapshot keeps a copy of it, since the file will not outlive kasou.
     scratch: bool = False
+    rate: RateLimit | None = None  # bandwidth and requests a second
 
 
 class NetConfig(NamedTuple):
-    """One virtio-net interface on a TAP: ``--net [tap=NAME][,mac=MAC]``. Without a name the
-    kernel picks one (tapN); a name that does not exist is created for the VM's lifetime."""
+    """One virtio-net interface on a TAP: ``--net [tap=NAME][,mac=MAC]``, with rate limits
+    ``rx-bw=``, ``rx-pps=``, ``tx-bw=``, ``tx-pps=`` and their ``-burst`` (rx: TAP to guest,
+    tx: guest to TAP). Without a name the kernel picks one (tapN); a name that does not
+    exist is created for the VM's lifetime."""
 
     tap: str | None = None
     mac: str | None = None
+    rx_rate: RateLimit | None = None
+    tx_rate: RateLimit | None = None
 
 
 class VsockConfig(NamedTuple):
@@ -185,7 +195,7 @@ def _options(field: str, text: str, known: tuple[str, ...]) -> tuple[list[str], 
 
 def parse_disk(text: str) -> DiskConfig:
     """Parse ``PATH[,ro][,format=raw|qcow2][,serial=ID][,sector=512|4096]``."""
-    words, pairs = _options("disk", text, ("format", "serial", "sector"))
+    words, pairs = _options("disk", text, ("format", "serial", "sector", *rate_words()))
     if not words or not words[0]:
         raise ConfigError("disk", f"{text!r}: give a path first, like --disk root.img,ro")
     path, flags = words[0], words[1:]
@@ -201,15 +211,22 @@ def parse_disk(text: str) -> DiskConfig:
         format=pairs.get("format"),
         serial=pairs.get("serial"),
         sector_size=int(sector),
+        rate=parse_rate("disk", pairs),
     )
 
 
 def parse_net(text: str) -> NetConfig:
     """Parse ``[tap=NAME][,mac=MAC]`` (an empty string: a new TAP, a generated MAC)."""
-    words, pairs = _options("net", text, ("tap", "mac")) if text else ([], {})
+    rates = (*rate_words("rx-", "pps"), *rate_words("tx-", "pps"))
+    words, pairs = _options("net", text, ("tap", "mac", *rates)) if text else ([], {})
     if any(words):
         raise ConfigError("net", f"{text!r}: use tap=NAME and mac=MAC, like --net tap=tap0")
-    return NetConfig(tap=pairs.get("tap"), mac=pairs.get("mac"))
+    return NetConfig(
+        tap=pairs.get("tap"),
+        mac=pairs.get("mac"),
+        rx_rate=parse_rate("net", pairs, "rx-", "pps"),
+        tx_rate=parse_rate("net", pairs, "tx-", "pps"),
+    )
 
 
 def parse_vsock(text: str) -> VsockConfig:
@@ -244,12 +261,17 @@ def _check_disks(disks: tuple[DiskConfig, ...]) -> None:
             )
         if disk.sector_size not in (512, 1024, 2048, 4096):
             raise ConfigError("disk", f"sector={disk.sector_size}: use 512, 1024, 2048 or 4096")
+        if disk.rate is not None:
+            check_rate("disk", disk.rate)
 
 
 def _check_nets(nets: tuple[NetConfig, ...]) -> None:
     if len(nets) > MAX_NETS:
         raise ConfigError("net", f"{len(nets)} interfaces: kasou attaches {MAX_NETS} at most")
     for net in nets:
+        for prefix, rate in (("rx-", net.rx_rate), ("tx-", net.tx_rate)):
+            if rate is not None:
+                check_rate("net", rate, prefix, "pps")
         if net.tap is not None and not _TAP_NAME.match(net.tap):
             raise ConfigError("net", f"tap={net.tap!r} is not an interface name (1-15 chars)")
         if net.mac is not None:
@@ -310,6 +332,15 @@ class VmConfig:
     # so the kernel and initrds are neither loaded nor required to exist, and the devices
     # are checked (``check_devices``) once the restore has put this host's files in.
     restoring: bool = False
+    # Memory reclaim under host pressure (``--reclaim``, vmm/reclaim.py): needs the balloon.
+    reclaim: ReclaimConfig | None = None
+    # Run the VMM jailed (``--jail``, kasou/jail/): namespaces, pivot_root, no privileges.
+    jail: JailConfig | None = None
+    # CPU, memory and task limits and vCPU pinning (``--cpus-quota`` etc., kasou/resources/).
+    limits: ResourceLimits | None = None
+    # seccomp-bpf allow-lists per thread role (``--no-seccomp`` turns them off,
+    # kasou/jail/seccomp.py); applied by ``vmm.runner.run`` on the process's main thread.
+    seccomp: bool = True  # see kasou.jail.seccomp
 
     def __post_init__(self) -> None:
         if not isinstance(self.vcpus, int) or self.vcpus < 1:
@@ -341,6 +372,14 @@ class VmConfig:
             self.check_devices()
         if self.debug_exit is not None:
             _check_debug_exit(self.debug_exit)
+        if self.reclaim is not None:
+            if not self.balloon:
+                raise ConfigError("reclaim", "reclaim inflates the balloon: add --balloon")
+            check_reclaim(self.reclaim, self.memory)
+        if self.limits is not None:
+            from kasou.resources import check_limits
+
+            check_limits(self.limits, vcpus=self.vcpus, memory=self.memory)
 
     @classmethod
     def from_options(

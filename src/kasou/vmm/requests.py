@@ -28,6 +28,9 @@ class RequestKind(enum.Enum):
     MIGRATE = "migrate"  # send the VM to a destination (vmm/migration.py)
     MIGRATION = "migration"  # the progress of the migration under way
     MIGRATE_CANCEL = "migrate-cancel"  # abandon it; the VM runs on here
+    RECLAIM = "reclaim"  # the reclaim policy and what it did; new values change it
+    RATE_LIMIT = "rate-limit"  # a disk's or interface's rate limits; new values change them
+    LIMITS = "limits"  # CPU, memory and task limits, pinning and usage; new values change them
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class Request:
     for the VM to end before replying, in seconds (0: reply once the button is pressed);
     ``snapshot`` the folder (``path``), whether only pages written since the previous
     snapshot go in (``diff``) and whether the VM stops afterwards (``stop``); ``migrate`` the
-    destination (``url``: tcp://HOST:PORT or unix:PATH) and the downtime target in seconds."""
+    destination (``url``: tcp://HOST:PORT or unix:PATH) and the downtime target in seconds;
+    ``reclaim`` the policy fields to change (``vmm.reclaim.parse_reclaim_changes``), empty to
+    only report."""
 
     kind: RequestKind
     argv: tuple[str, ...] = ()
@@ -50,6 +55,14 @@ class Request:
     stop: bool = False
     url: str = ""
     downtime: float = 0.3
+    reclaim: dict[str, Any] = field(default_factory=dict)
+    # rate-limit: the device id (block0, net0) and the limits to change, as option words
+    # (``vmm.ratelimits.parse_rate_changes``: None removes one), empty to only report.
+    device: str = ""
+    rates: dict[str, Any] = field(default_factory=dict)
+    # limits: the ``kasou.resources.ResourceLimits`` fields to change (None lifts a limit),
+    # empty to only report.
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,20 @@ def parse_request(message: object) -> Request:
         return _snapshot(message)
     if kind is RequestKind.MIGRATE:
         return _migrate(message)
+    if kind is RequestKind.RATE_LIMIT:
+        from kasou.vmm.ratelimits import parse_rate_changes
+
+        device = message.get("device")
+        if not isinstance(device, str) or not device:
+            raise ConfigError("device", 'rate-limit needs device: its id, like "block0"')
+        return Request(kind, device=device, rates=parse_rate_changes(message))
+    if kind is RequestKind.LIMITS:
+        return Request(kind, limits=_limit_changes(message))
+    if kind is RequestKind.RECLAIM:
+        from kasou.vmm.reclaim import parse_reclaim_changes
+
+        values = {key: value for key, value in message.items() if key != "request"}
+        return Request(kind, reclaim=parse_reclaim_changes(values))
     if kind is not RequestKind.EXEC:
         return Request(kind)
     argv = message.get("argv")
@@ -125,6 +152,14 @@ _ARGUMENTS = {
     RequestKind.SHUTDOWN: {"wait"},
     RequestKind.SNAPSHOT: {"path", "diff", "stop"},
     RequestKind.MIGRATE: {"url", "downtime"},
+    RequestKind.LIMITS: {"cpus_quota", "cpu_weight", "cpu_pin", "memory_limit", "pids_limit"},
+    RequestKind.RECLAIM: {"max", "min_free", "step", "interval", "psi", "calm"},
+    RequestKind.RATE_LIMIT: {
+        "device",
+        *("bw", "iops", "bw_burst", "iops_burst"),
+        *("rx_bw", "rx_pps", "rx_bw_burst", "rx_pps_burst"),
+        *("tx_bw", "tx_pps", "tx_bw_burst", "tx_pps_burst"),
+    },
 }
 
 
@@ -151,6 +186,39 @@ def _migrate(message: dict[str, Any]) -> Request:
     ):
         raise ConfigError("downtime", "downtime must be seconds, 0.001 to 60 (like 0.3)")
     return Request(RequestKind.MIGRATE, url=url, downtime=float(downtime))
+
+
+def _limit_changes(message: dict[str, Any]) -> dict[str, Any]:
+    """The ``limits`` request's values (untrusted JSON) as ``ResourceLimits`` fields; null
+    lifts a limit (or every pin)."""
+    from kasou import resources
+
+    parsers = {
+        "cpus_quota": resources.parse_cpus_quota,
+        "cpu_weight": resources.parse_cpu_weight,
+        "pids_limit": resources.parse_pids_limit,
+        "cpu_pin": resources.parse_cpu_pin,
+        "memory_limit": _memory_limit,
+    }
+    changes: dict[str, Any] = {}
+    for name, parse in parsers.items():
+        if name in message:
+            value = message[name]
+            changes[name] = None if value is None else parse(value)
+    if changes.get("cpu_pin", ()) is None:
+        changes["cpu_pin"] = ()
+    return changes
+
+
+def _memory_limit(value: object) -> int:
+    from kasou.memory import parse_size
+
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError("memory-limit", 'give the memory limit as bytes or a size like "1G"')
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise ConfigError("memory-limit", str(error)) from None
 
 
 def _balloon_target(value: object) -> int | None:

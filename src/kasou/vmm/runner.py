@@ -30,7 +30,10 @@ from kasou.vmm.vcpu import ExitKind, GuestExit, install_kick_handler
 from kasou.vmm.vm import Vm
 
 if TYPE_CHECKING:
+    from kasou.jail.seccomp import Seccomp
+    from kasou.resources import Resources
     from kasou.vmm.control import ControlServer, Deferred
+    from kasou.vmm.reclaim import HostMemory, ReclaimMonitor
     from kasou.vmm.requests import Reply, Request
     from kasou.vmm.snapshot import MachineImage
 
@@ -53,6 +56,9 @@ class _Session:
         self.quit: GuestExit | None = None
         self.busy: str | None = None  # a snapshot or migration under way
         self.migration: Any = None  # the last vmm.migration.Migration started
+        self.reclaim: ReclaimMonitor | None = None  # --reclaim's monitor
+        self.config: VmConfig | None = None
+        self.resources: Resources | None = None  # cgroup and pinning, once any is asked
         self._lock = threading.Lock()
 
     def stop(self, reason: str) -> None:
@@ -81,6 +87,10 @@ class _Session:
             return lambda: self._await_end(vm, request.wait, pressed)
         if request.kind in (RequestKind.MIGRATION, RequestKind.MIGRATE_CANCEL):
             return Reply(True, self._migration_request(vm, request))  # also once it left
+        if request.kind is RequestKind.LIMITS:
+            return Reply(True, self._limits(request))  # also between two boots
+        if request.kind is RequestKind.RECLAIM:
+            return Reply(True, self._reclaim_request(request))  # also between two boots
         if vm is None:
             if request.kind in (RequestKind.SNAPSHOT, RequestKind.MIGRATE):
                 raise LifecycleError("booting", VmState.RUNNING.value, request.kind.value)
@@ -91,8 +101,17 @@ class _Session:
             return Reply(True, self._migration_request(vm, request))
         if request.kind is RequestKind.DEVICES:
             return Reply(True, {"devices": vm.device_list()})
+        if request.kind is RequestKind.RATE_LIMIT:
+            from kasou.vmm.ratelimits import set_rate_limit
+
+            return Reply(True, set_rate_limit(vm, request.device, request.rates))
         if request.kind is RequestKind.BALLOON:
-            return Reply(True, vm.balloon(request.target))
+            if self.reclaim is None or request.target is None:
+                return Reply(True, vm.balloon(request.target))
+            # The user's target is the floor of reclaim's: the monitor sets the balloon.
+            vm.balloon(None)  # refused without a balloon
+            self.reclaim.set_user_target(request.target)
+            return Reply(True, {**vm.balloon(None), "user_target": request.target})
         if request.kind is RequestKind.PAUSE:
             vm.pause()
         elif request.kind is RequestKind.RESUME:
@@ -202,6 +221,36 @@ class _Session:
         started: dict[str, object] = migration.progress()
         return started
 
+    def _limits(self, request: Request) -> dict[str, Any]:
+        """Report the limits, pinning and usage; apply new values first if asked. A VM
+        started without limits gets its ``Resources`` (and a cgroup, if a change needs one)
+        now."""
+        with self._lock:
+            if self.resources is None:
+                from kasou.resources import Resources
+
+                assert self.config is not None
+                config = self.config
+                self.resources = Resources(config.name, vcpus=config.vcpus, memory=config.memory)
+                if self.vm is not None:
+                    self.resources.pin_vcpus(vcpu_threads(self.vm))
+            resources = self.resources
+        if not request.limits:
+            return resources.report()
+        return resources.change(request.limits)
+
+    def _reclaim_request(self, request: Request) -> dict[str, Any]:
+        """Report the reclaim policy and what it did; change the policy first if asked."""
+        from kasou.errors import ConfigError
+
+        if self.reclaim is None:
+            raise ConfigError(
+                "reclaim", "this VM has no reclaim policy: start it with --balloon --reclaim"
+            )
+        if request.reclaim:
+            self.reclaim.update(request.reclaim)
+        return self.reclaim.report()
+
     def _exec(self, request: Request) -> Reply:
         from kasou.vmm.requests import Reply
 
@@ -222,26 +271,47 @@ def run(
     on_boot: Callable[[Vm], None] | None = None,
     restore: MachineImage | None = None,
     before_start: Callable[[Vm], None] | None = None,
+    host_memory: Callable[[], HostMemory] | None = None,
 ) -> GuestExit:
     """Run the VM until it ends for good; return how it ended (``.status`` is the exit
     status). Raises ``KasouError`` for anything that stops it from being built. With
     ``restore`` the first boot is the saved VM (a snapshot's); a guest reboot after it boots
     the kernel of its config afresh. ``before_start(vm)`` runs once the first VM is built,
     before its vCPUs start (an incoming migration's last handshake); ``on_boot(vm)`` after
-    each start."""
+    each start. ``host_memory`` replaces how ``--reclaim`` reads the host (/proc)."""
     install_kick_handler()
-    loop = EventLoop(f"kasou-{config.name}-events")
+    guard = _start_seccomp(config)
+    loop = EventLoop(
+        f"kasou-{config.name}-events", on_start=None if guard is None else guard.hook("control")
+    )
     agent = AgentChannel(loop)
     session = _Session(agent)
     console = Console(config.console, on_quit=lambda: session.stop("quit from the console"))
     server: ControlServer | None = None
+    session.config = config
     previous = _install_stop_signals(session)
     try:
-        loop.start()
+        if config.limits is not None:
+            from kasou.resources import Resources
+
+            # Before the VM is built: guest RAM is charged to the group.
+            session.resources = Resources.open(
+                config.name, config.limits, vcpus=config.vcpus, memory=config.memory
+            )
+        if guard is None:
+            loop.start()
+        else:  # from the supervisor: the loop's chain gets its own listener (jail/seccomp.py)
+            guard.spawn(loop.start)
         if config.api_sock is not None:
             from kasou.vmm.control import ControlServer  # json and sockets: only when asked
 
             server = ControlServer(config.api_sock, loop, session.handle)
+        if config.reclaim is not None:
+            from kasou.vmm.reclaim import ReclaimMonitor, read_host_memory
+
+            session.reclaim = ReclaimMonitor(
+                loop, config.reclaim, config.memory, host_memory or read_host_memory
+            )
         while True:
             if restore is not None and os.environ.get("KASOU_TRACE_START"):
                 # For bench/snapshot.py: restore to first KVM_RUN, on CLOCK_MONOTONIC.
@@ -267,7 +337,13 @@ def run(
                 if before_start is not None:
                     before_start(vm)
                     before_start = None
+                if session.reclaim is not None:
+                    session.reclaim.attach(vm.virtio()["balloon"].device)
                 vm.start()
+                if guard is not None:  # setup done: the main thread's list from here on
+                    guard.enter("control")
+                if session.resources is not None:  # each boot has new vCPU threads
+                    session.resources.pin_vcpus(vcpu_threads(vm))
                 if on_boot is not None:
                     on_boot(vm)
                 ending = vm.wait()
@@ -279,6 +355,8 @@ def run(
             finally:
                 with session._lock:
                     session.vm = None
+                if session.reclaim is not None:
+                    session.reclaim.detach()
                 agent.detach()
                 vm.close()
             assert ending is not None
@@ -294,6 +372,29 @@ def run(
             server.close()
         loop.stop()
         console.close()
+        if session.resources is not None:
+            session.resources.close()  # kasou back in its old group, the group removed
+
+
+def vcpu_threads(vm: Vm) -> dict[int, int]:
+    """The kernel thread id of each started vCPU, by index (for pinning)."""
+    threads = {}
+    for vcpu in vm.vcpus:
+        thread = vcpu._thread
+        if thread is not None and thread.native_id is not None:
+            threads[vcpu.index] = thread.native_id
+    return threads
+
+
+def _start_seccomp(config: VmConfig) -> Seccomp | None:
+    """The seccomp supervisor when ``config.seccomp`` asks for filters and this is the main
+    thread: the filters are the process's (the main thread takes the control list), so a
+    library caller running VMs on other threads of its own process gets none."""
+    if not config.seccomp or threading.current_thread() is not threading.main_thread():
+        return None
+    from kasou.jail.seccomp import Seccomp
+
+    return Seccomp.start()
 
 
 def _migrated(session: _Session) -> bool:

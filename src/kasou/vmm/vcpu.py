@@ -150,6 +150,8 @@ class Vcpu:
         self._commands: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.exits = 0  # exits to user space, for status and benchmarks
+        # Run first on the vCPU thread, once it is named (a seccomp filter's installation).
+        self.on_start: Callable[[], None] | None = None
 
     # --- control, from other threads ---------------------------------------------------
 
@@ -207,6 +209,8 @@ class Vcpu:
     def _main(self) -> None:
         set_thread_name(f"kasou-vcpu{self.index}")
         try:
+            if self.on_start is not None:
+                self.on_start()
             ending = self._loop()
         except KasouError as error:
             ending = GuestExit(ExitKind.ERROR, str(error), self.index)

@@ -83,11 +83,24 @@ class Vm:
         return self._state
 
     def start(self) -> None:
-        """Start every vCPU thread."""
+        """Start every vCPU thread (from the seccomp supervisor when filters are on, each
+        thread installing the vcpu list first: kasou/jail/seccomp.py)."""
+        from kasou.jail.seccomp import Seccomp
+
         with self._lock:
             self._move(Transition.START)  # created --start--> running
+            guard = Seccomp.active() if self.config.seccomp else None
+            if guard is None:
+                for vcpu in self.vcpus:
+                    vcpu.start()
+                return
             for vcpu in self.vcpus:
-                vcpu.start()
+                vcpu.on_start = guard.hook("vcpu")
+            guard.spawn(self._start_vcpus)
+
+    def _start_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.start()
 
     def pause(self) -> None:
         """Take every vCPU out of KVM_RUN and keep it out; guest state stays as it is."""

@@ -11,6 +11,12 @@ byte, a header that is short, a range past the end of the disk, a write to a rea
 is answered IOERR or UNSUPP; a backend failure (EIO, ENOSPC, a file truncated under the VM)
 is answered IOERR and logged. Neither stops the device.
 
+Rate limits (``devices/ratelimit.py``): a disk may be held to a bandwidth and a number of
+requests a second. Reads and writes cost their data bytes and one operation, every other
+request one operation. A throttled disk stops taking requests from the ring, leaving them
+there in order, until a timer on its reactor says the buckets allow more: requests are
+delayed, never failed, dropped or reordered.
+
 Durability: the device offers VIRTIO_BLK_F_FLUSH, so the guest treats the disk as a
 write-back cache and sends FLUSH when it needs data on stable storage; FLUSH is answered only
 once the backend's fdatasync has returned. A write the guest saw flushed survives kill -9.
@@ -20,9 +26,11 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from kasou.devices.ratelimit import Clock, RateLimit, Throttle
 from kasou.devices.virtio.device import Reactor, VirtioDevice
 from kasou.devices.virtio.queue import Chain, Virtqueue, split_views
 from kasou.devices.virtio.spec import DeviceType
@@ -96,6 +104,9 @@ class BlockConfig(Protocol):
     @property
     def sector_size(self) -> int: ...
 
+    @property
+    def rate(self) -> RateLimit | None: ...
+
 
 class _Failed(Exception):
     """A request that ends with a status other than OK."""
@@ -112,7 +123,13 @@ class Block(VirtioDevice):
     name = "block"
 
     def __init__(
-        self, reactor: Reactor, backend: BlockBackend, config: BlockConfig, name: str = "block"
+        self,
+        reactor: Reactor,
+        backend: BlockBackend,
+        config: BlockConfig,
+        name: str = "block",
+        *,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.read_only = config.read_only or backend.read_only
         features = F_SEG_MAX | F_SIZE_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY
@@ -138,6 +155,7 @@ class Block(VirtioDevice):
             "requests": 0,
         }
         self._config = self._config_space()
+        self.throttle = Throttle(reactor, self._resume, config.rate, clock)
 
     def _config_space(self) -> bytes:
         # struct virtio_blk_config (§5.2.4), 60 bytes up to write_zeroes_may_unmap.
@@ -170,7 +188,16 @@ class Block(VirtioDevice):
         return self._config
 
     def counters(self) -> dict[str, Any]:
-        return {**self.stats, "size": self.backend.size, "read_only": self.read_only}
+        return {
+            **self.stats,
+            "size": self.backend.size,
+            "read_only": self.read_only,
+            "rate_limit": self.throttle.describe(),
+        }
+
+    def set_rate_limit(self, limit: RateLimit | None) -> None:
+        """Change the disk's rate limit (any thread; ``None``: no limit)."""
+        self.throttle.set(limit)
 
     def close(self) -> None:
         super().close()
@@ -179,9 +206,25 @@ class Block(VirtioDevice):
     # --- requests -----------------------------------------------------------------------
 
     def process(self, queue: Virtqueue) -> None:
-        for chain in self.chains(queue):
-            queue.use(chain, self._serve(chain))
+        throttle = self.throttle
+        if not throttle.active:
+            for chain in self.chains(queue):
+                queue.use(chain, self._serve(chain))
+        elif not (queue.has_available() and throttle.blocked()):
+            for chain in self.chains(queue):
+                queue.use(chain, self._serve(chain))
+                # Data bytes (header and status byte aside) and one operation.
+                throttle.charge(max(0, chain.readable_len + chain.writable_len - _HEADER.size - 1))
+                if queue.has_available() and throttle.blocked():
+                    break
         self.signal(queue)
+
+    def held_back(self) -> bool:
+        return self.throttle.waiting
+
+    def _resume(self) -> None:
+        if self.active and self.queues:
+            self.run_queue(self.queues[0])
 
     def _serve(self, chain: Chain) -> int:
         """Do one request; return the bytes written into the chain (data and status)."""

@@ -211,6 +211,11 @@ class VirtioDevice:
         """Per-device figures for the control socket's device list."""
         return {}
 
+    def held_back(self) -> bool:
+        """Whether ``process`` stopped for a rate limit and a timer will run the queue
+        again (``run_queue`` then stops too); never, by default."""
+        return False
+
     def has_feature(self, bit: int) -> bool:
         return bool(self.driver_features & bit)
 
@@ -269,7 +274,9 @@ class VirtioDevice:
             while True:
                 queue.disable_notifications()
                 self.process(queue)
-                if not self.active or not queue.enable_notifications():
+                # A throttled device (devices/ratelimit.py) leaves notifications off: its
+                # timer, not the driver, brings it back.
+                if not self.active or self.held_back() or not queue.enable_notifications():
                     break
         except RingError as error:
             self.fail(str(error))

@@ -30,6 +30,12 @@ the TAP (a readable TAP would wake the loop for nothing) and asks the driver for
 notification; it reads again when the driver posts buffers. Frames wait in the TAP's own
 queue meanwhile and the kernel drops them when that is full, as a NIC does.
 
+Rate limits (``devices/ratelimit.py``), one for each direction: a frame costs its bytes
+(the virtio-net header aside) and one packet. A throttled transmit side stops taking chains
+from the ring; a throttled receive side stops reading the TAP, so frames wait in the TAP's
+queue and the kernel drops what overflows it, as at a real NIC; a frame kasou has read is
+always delivered. Both go on when a timer on the reactor says the buckets allow more.
+
 Work runs on the device's reactor in batches: up to ``BATCH`` frames a turn each way, one
 interrupt a batch, and the rest in a later turn so other devices of the VM get theirs.
 
@@ -47,10 +53,12 @@ import logging
 import os
 import select
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kasou.devices.ratelimit import Clock, RateLimit, Throttle
 from kasou.devices.virtio.device import Reactor, VirtioDevice
 from kasou.devices.virtio.queue import Chain, ChainError, RingError, Virtqueue, scatter
 from kasou.devices.virtio.spec import DeviceType
@@ -172,7 +180,15 @@ class Net(VirtioDevice):
     name = "net"
 
     def __init__(
-        self, reactor: Reactor, tap: NetBackend, mac: str | None = None, name: str = "net"
+        self,
+        reactor: Reactor,
+        tap: NetBackend,
+        mac: str | None = None,
+        name: str = "net",
+        *,
+        rx_rate: RateLimit | None = None,
+        tx_rate: RateLimit | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         try:
             if tap.vnet_header_size != HEADER_SIZE:
@@ -219,6 +235,8 @@ class Net(VirtioDevice):
         # longest frame, so a frame that fills it is known to be cut short.
         self._bounce = bytearray(HEADER_SIZE + MAX_FRAME + 1)
         self._bounce_view = memoryview(self._bounce)
+        self.rx_throttle = Throttle(reactor, self._rx_resume, rx_rate, clock)
+        self.tx_throttle = Throttle(reactor, self._transmit, tx_rate, clock)
         # Set on the reactor once an activation's state is in place, cleared by a reset: a
         # handler still running for the last activation when the driver resets and starts
         # the device again (``active`` is already back on) must not use that state.
@@ -240,6 +258,8 @@ class Net(VirtioDevice):
             "tap": self.tap.name,
             "mac": self.mac.hex(":"),
             "link": "up" if self.link_up else "down",
+            "rx_rate_limit": self.rx_throttle.describe(),
+            "tx_rate_limit": self.tx_throttle.describe(),
         }
 
     def close(self) -> None:
@@ -411,10 +431,17 @@ class Net(VirtioDevice):
         if not self._serving() or not queue.live or self._want_out:
             return  # not running, or waiting for the TAP to take the pending frame
         sent = 0
+        throttle = self.tx_throttle
         try:
             while self._serving():
                 queue.disable_notifications()
                 while sent < BATCH:
+                    if (
+                        throttle.active
+                        and (self._tx_pending or queue.has_available())
+                        and throttle.blocked()
+                    ):
+                        return  # notifications stay off: the throttle's timer goes on
                     chain = self._tx_pending or self._pop(queue, "tx")
                     if chain is None:
                         break
@@ -426,6 +453,8 @@ class Net(VirtioDevice):
                         self._set_watch(rx=self._want_in, tx=True)
                         return
                     queue.use(chain, 0)
+                    if throttle.active:
+                        throttle.charge(max(0, chain.readable_len - HEADER_SIZE))
                     sent += 1
                 if sent >= BATCH:
                     self._continue_later()
@@ -510,6 +539,10 @@ class Net(VirtioDevice):
         try:
             queue.disable_notifications()
             while self._serving():
+                if not self._pending_len and self.rx_throttle.active and self.rx_throttle.blocked():
+                    # Leave frames in the TAP until the throttle's timer (``_rx_resume``).
+                    self._set_watch(rx=False, tx=self._want_out)
+                    break
                 if delivered >= BATCH:
                     # More may wait: the TAP stays watched and wakes the loop again after
                     # the other handlers had their turn.
@@ -534,6 +567,10 @@ class Net(VirtioDevice):
             self.fail(str(error))
         finally:
             self.signal(queue)
+
+    def _rx_resume(self) -> None:
+        if self._serving():
+            self._receive()
 
     def _rx_chain(self, queue: Virtqueue) -> Chain | None:
         """The next buffer to fill: one held back earlier, else the next the driver posted."""
@@ -648,7 +685,10 @@ class Net(VirtioDevice):
     def _read(self, views: list[memoryview]) -> int:
         """One frame from the TAP into ``views``; -1 when there is none (or the TAP failed)."""
         try:
-            return os.readv(self.tap.fd, views)
+            length = os.readv(self.tap.fd, views)
+            if self.rx_throttle.active:
+                self.rx_throttle.charge(max(0, length - HEADER_SIZE))
+            return length
         except BlockingIOError:
             return -1
         except OSError as error:

@@ -1,0 +1,276 @@
+"""Record which system calls each kasou thread role makes, and write the seccomp lists.
+
+Runs representative ``kasou run`` workloads (guest-kit guests on this /dev/kvm) under
+``strace -f -qq -Y``, sorts every call by the name of the thread that made it (``-Y`` prints
+each thread's comm at the time of the call, so a new thread's first calls, made before it
+names itself and installs its own filter, count for its creator, whose filter they pass), and
+writes ``src/kasou/jail/syscalls/{vcpu,device,control}.txt`` with the date and the workloads in
+a header. ``base.txt`` is kept by hand. Run as root, seccomp off::
+
+    .venv/bin/python tests/tools/seccomp_record.py            # write the lists
+    .venv/bin/python tests/tools/seccomp_record.py --check    # only print what is missing
+
+Thread names to roles: ``kasou-vcpuN`` -> vcpu; ``kasou-kasou-eve`` (the runner's
+loop, and its control workers, which keep its name) and the main thread -> control; other
+``kasou-*`` threads (``kasou-<vm>-virtio``, one loop per disk) -> device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kasou.guestkit import build_guest, cmdline
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTS = ROOT / "src" / "kasou" / "jail" / "syscalls"
+KASOU = str(Path(sys.executable).with_name("kasou"))
+EVENTS = "kasou-kasou-events"[:15]  # the runner's loop of a VM named kasou, as comm shows it
+_LINE = re.compile(r"^(\d+)<([^>]*)> +(?:<\.\.\. (\w+) resumed>|(\w+)\()")
+
+
+def role_of(comm: str, pid: int, main: int) -> str | None:
+    if pid == main:
+        return "control"
+    if re.fullmatch(r"kasou-vcpu\d+", comm):
+        return "vcpu"
+    if comm == "kasou-seccomp":
+        return None
+    if comm == EVENTS:
+        return "control"
+    if comm.startswith("kasou-"):
+        return "device"
+    return "control"
+
+
+def parse_strace(text: str) -> dict[str, set[str]]:
+    """Syscall names by role from an ``strace -f -qq -Y`` log."""
+    found: dict[str, set[str]] = {"vcpu": set(), "device": set(), "control": set()}
+    main = -1
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if main < 0:
+            main = pid
+        role = role_of(match.group(2), pid, main)
+        name = match.group(3) or match.group(4)
+        if role is not None and name:
+            found[role].add(name)
+    return found
+
+
+def _request(sock: Path, message: dict[str, object], timeout: float = 30) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(timeout)
+        client.connect(str(sock))
+        client.sendall((json.dumps(message) + "\n").encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, object] = json.loads(data)
+    return reply
+
+
+def _wait_for(path: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{text!r} never appeared in {path}")
+
+
+@contextlib.contextmanager
+def _traced(log: Path, args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    command = ["strace", "-f", "-qq", "-Y", "-o", str(log), KASOU, "run", *args]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield process
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _vsock_echo(path: Path) -> Callable[[], None]:
+    """The host end of the guest kit's vsock workload: echo what the guest sends."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = server.accept()
+            with client:
+                data = client.recv(4096)
+                client.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.close
+
+
+def workloads(elf: Path, work: Path) -> Iterator[tuple[str, list[str], Callable[..., None]]]:
+    disk = work / "disk.raw"
+    disk.write_bytes(bytes(16 << 20))
+    kernel = ["--kernel", str(elf), "--memory", "64M"]
+    sock = work / "api.sock"
+    console = work / "console.log"
+
+    def control(process: subprocess.Popen[bytes]) -> None:
+        _wait_for(console, "counter_addr")
+        for message in (
+            {"request": "status"},
+            {"request": "devices"},
+            {"request": "balloon", "target": "8M"},
+            {"request": "pause"},
+            {"request": "resume"},
+            {"request": "snapshot", "path": str(work / "snap")},
+            {"request": "status"},
+            {"request": "stop"},
+        ):
+            reply = _request(sock, message)
+            if not reply.get("ok"):
+                raise RuntimeError(f"{message}: {reply}")
+
+    def reboot(process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                result = _request(sock, {"request": "status"}).get("result")
+                if isinstance(result, dict) and result.get("boots", 0) >= 3:
+                    break
+            time.sleep(0.05)
+        _request(sock, {"request": "stop"})
+
+    def ends(process: subprocess.Popen[bytes]) -> None:
+        pass
+
+    yield (
+        "counter guest with disk, balloon, rng, vsock, console file, control requests "
+        "(status, devices, balloon, pause, resume, snapshot, stop)",
+        [
+            *kernel,
+            "--disk",
+            str(disk),
+            "--balloon",
+            "--rng",
+            "--vsock",
+            f"cid=3,uds={work / 'v.sock'}",
+            "--console",
+            f"file:{console}",
+            "--api-sock",
+            str(sock),
+            "--cmdline",
+            cmdline("counter"),
+        ],
+        control,
+    )
+    yield "vblk on a raw disk", [*kernel, "--disk", str(disk), "--cmdline", cmdline("vblk")], ends
+    yield (
+        "vblk-bench write and read",
+        [*kernel, "--disk", str(disk), "--cmdline", cmdline("vblk-bench", mode="write")],
+        ends,
+    )
+    yield "vrng", [*kernel, "--rng", "--cmdline", cmdline("vrng")], ends
+    yield "pio exits", [*kernel, "--cmdline", cmdline("pio", count=20000)], ends
+    yield "serial echo", [*kernel, "--cmdline", cmdline("hello")], ends
+    yield (
+        "smp on 2 vCPUs",
+        ["--kernel", str(elf), "--memory", "64M", "--vcpus", "2", "--cmdline", cmdline("smp")],
+        ends,
+    )
+    yield (
+        "guest reboots with --on-reboot restart, then stop",
+        [*kernel, "--on-reboot", "restart", "--api-sock", str(sock), "--cmdline", cmdline("reset")],
+        reboot,
+    )
+    vsock = work / "vs.sock"
+    yield (
+        "vsock echo with the host",
+        [*kernel, "--vsock", f"cid=3,uds={vsock}", "--cmdline", cmdline("vsock")],
+        ends,
+    )
+
+
+def record() -> tuple[dict[str, set[str]], list[str]]:
+    elf = build_guest()
+    found: dict[str, set[str]] = {"vcpu": set(), "device": set(), "control": set()}
+    done: list[str] = []
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        for index, (what, args, drive) in enumerate(workloads(elf, work)):
+            log = work / f"strace.{index}"
+            closer = None
+            if "vsock echo" in what:
+                closer = _vsock_echo(work / "vs.sock_1234")
+            with _traced(log, args) as process:
+                drive(process)
+            if closer is not None:
+                closer()
+            for role, names in parse_strace(log.read_text(errors="replace")).items():
+                found[role] |= names
+            done.append(f"{what} (exit {process.returncode})")
+            for path in (work / "api.sock", work / "console.log"):
+                path.unlink(missing_ok=True)
+    return found, done
+
+
+def write_lists(found: dict[str, set[str]], done: list[str]) -> None:
+    base = set()
+    for line in (LISTS / "base.txt").read_text().splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name:
+            base.add(name)
+    today = datetime.date.today().isoformat()
+    for role, names in found.items():
+        header = [
+            f"# seccomp allow-list of kasou's {role} threads (with base.txt).",
+            f"# Recorded {today} by tests/tools/seccomp_record.py on {os.uname().release}",
+            "# (strace -f -qq -Y of kasou run), workloads:",
+            *(f"#   - {what}" for what in done),
+            "# Do not edit by hand: add a workload and record again.",
+        ]
+        body = sorted(names - base)
+        (LISTS / f"{role}.txt").write_text("\n".join([*header, *body]) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="print what the lists miss")
+    options = parser.parse_args()
+    found, done = record()
+    for what in done:
+        print("workload:", what)
+    if options.check:
+        from kasou.jail.seccomp import load_lists
+
+        lists = load_lists()
+        missing = {role: sorted(names - lists[role]) for role, names in found.items()}
+        print(json.dumps(missing, indent=1))
+        return 1 if any(missing.values()) else 0
+    write_lists(found, done)
+    for role, names in found.items():
+        print(f"{role}: {len(names)} system calls")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
