@@ -62,9 +62,11 @@ class Jailed:
 
 
 @contextlib.contextmanager
-def jailed(elf: Path, base: Path, sock: Path, workload: str = "wait") -> Iterator[Jailed]:
+def jailed(
+    elf: Path, base: Path, sock: Path, workload: str = "wait", *options: str
+) -> Iterator[Jailed]:
     process = subprocess.Popen(
-        _args(elf, base, workload, "--api-sock", str(sock)),
+        _args(elf, base, workload, "--api-sock", str(sock), *options),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -203,3 +205,24 @@ def test_files_are_lent_to_the_jail_and_given_back(guest_elf: Path, tmp_path: Pa
     for path in (disk, log):
         assert (path.stat().st_uid, path.stat().st_gid) == (0, 0)
     assert disk.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_jailed_vm_changes_its_own_limits_live(guest_elf: Path, tmp_path: Path) -> None:
+    """The supervisor makes the cgroup and hands its folder to the jail: the VMM, without
+    capabilities and without the host's cgroup tree, changes its quota itself."""
+    from kasou.errors import KasouError
+    from kasou.resources._limits import QUOTA_PERIOD_US
+
+    base, sock = tmp_path / "jails", tmp_path / "vm.sock"
+    with jailed(guest_elf, base, sock, "counter", "--cpus-quota", "0.5") as vm:
+        with ControlClient(sock, timeout=10) as client:
+            report = client.request("limits", cpus_quota=0.2)
+            folder = Path(report["cgroup"]["folders"]["cpu"])
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            assert quota == round(0.2 * QUOTA_PERIOD_US)
+            assert str(vm.child) in (folder / "cgroup.procs").read_text().split()
+            with pytest.raises(KasouError, match="only limits given at the start"):
+                client.request("limits", pids_limit=100)
+            client.request("stop")
+        assert vm.process.wait(30) == 0
+    assert not folder.exists()

@@ -39,6 +39,10 @@ class JailPlan(NamedTuple):
     """Unix sockets the VMM listens on; made in the jail folder, linked from the host path."""
     network: bool = False
     """Keep the host's network namespace (the VM has TAPs)."""
+    delegated: tuple[Path, ...] = ()
+    """The VM's cgroup folders, made by the supervisor: bound read-write and handed, with
+    their files, to the jail id, so the VMM changes its own limits live (cgroup v1
+    delegation; on v2 the folder's cgroup.procs and controller files likewise)."""
     file_size_limit: int = 1 << 40
     """RLIMIT_FSIZE: the largest file the VMM may write."""
 

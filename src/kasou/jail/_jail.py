@@ -134,6 +134,9 @@ def _lend(config: JailConfig, plan: JailPlan, folder: Path, marker: Path) -> Non
         with marker.open("a") as file:
             file.write(f"owner {info.st_uid} {info.st_gid} {os.fsencode(path).hex()}\n")
         os.chown(path, config.uid, config.gid)
+    for group in plan.delegated:  # removed by the supervisor's owner of the group
+        for path in (group, *group.iterdir()):
+            os.chown(path, config.uid, config.gid)
     for index, path in enumerate(plan.sockets):
         inside = folder / "sock" / str(index)
         inside.mkdir(parents=True, mode=0o700)
@@ -287,6 +290,7 @@ def _build_root(config: JailConfig, plan: JailPlan, folder: Path, root: Path) ->
     binds += [(path, path, True) for path in _runtime_paths()]
     binds += [(path.absolute(), path.absolute(), True) for path in plan.read_only]
     binds += [(path.absolute(), path.absolute(), False) for path in plan.writable]
+    binds += [(path, path, False) for path in plan.delegated]
     for index, path in enumerate(plan.sockets):
         binds.append((folder / "sock" / str(index), path.absolute().parent, False))
     # Parents before what lies in them; a path already visible through a read-only folder

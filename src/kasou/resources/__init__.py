@@ -40,7 +40,7 @@ from kasou.resources._limits import (
 if TYPE_CHECKING:
     from kasou.resources._affinity import last_cpu, pin_thread, thread_cpus
     from kasou.resources._cgroup import Cgroup, Hierarchy, find_hierarchy, parse_hierarchy
-    from kasou.resources._resources import Resources
+    from kasou.resources._resources import Resources, hand_over
 
 # The cgroup machinery loads on first use: ``VmConfig`` names ``ResourceLimits`` on every
 # start, the rest only matters to a VM with limits.
@@ -53,6 +53,7 @@ _LAZY = {
     "find_hierarchy": "_cgroup",
     "parse_hierarchy": "_cgroup",
     "Resources": "_resources",
+    "hand_over": "_resources",
 }
 
 
@@ -76,6 +77,7 @@ __all__ = [
     "check_host_cpus",
     "check_limits",
     "find_hierarchy",
+    "hand_over",
     "last_cpu",
     "parse_cpu_pin",
     "parse_cpu_weight",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from kasou.errors import ConfigError
@@ -17,7 +18,21 @@ from kasou.resources._affinity import last_cpu, pin_thread, thread_cpus
 from kasou.resources._cgroup import Cgroup, Hierarchy, find_hierarchy, remove_stale
 from kasou.resources._limits import ResourceLimits, check_host_cpus, check_limits
 
-__all__ = ["Resources"]
+__all__ = ["Resources", "hand_over"]
+
+# A group made by ``kasou run --jail``'s supervisor and handed to the VMM it forks, which
+# cannot see the cgroup hierarchy from its jail: (version, controller -> folder).
+_handed: tuple[int, dict[str, Path]] | None = None
+
+
+def hand_over(group: Cgroup) -> None:
+    """Make ``group`` the one every later ``Resources`` of this process (and of the children
+    it forks) adopts instead of making its own. The jail's supervisor calls it before the
+    fork; the VMM inside then changes the group's files (handed to its uid) but never
+    makes or removes folders: the supervisor removes the group once the VMM ended."""
+    global _handed
+    _handed = (group.version, dict(group.folders))
+
 
 _SETTERS = {
     "cpus_quota": ("cpu", Cgroup.set_cpu_quota),
@@ -40,6 +55,7 @@ class Resources:
         self.limits = ResourceLimits()
         self._hierarchy = hierarchy
         self._group: Cgroup | None = None
+        self._adopted = False
         self._threads: dict[int, int] = {}  # vCPU index -> thread id
         self._unpinned = frozenset(os.sched_getaffinity(0))
         self._started = time.monotonic()
@@ -108,6 +124,8 @@ class Resources:
         return self.report()
 
     def _ensure_group(self, controllers: list[str]) -> Cgroup:
+        if _handed is not None:
+            return self._adopt(controllers, *_handed)
         if self._hierarchy is None:
             self._hierarchy = find_hierarchy()
         hierarchy = self._hierarchy
@@ -125,6 +143,28 @@ class Resources:
         if wanted:
             remove_stale(hierarchy, wanted)
             self._group.ensure(wanted)
+        return self._group
+
+    def _adopt(self, controllers: list[str], version: int, folders: dict[str, Path]) -> Cgroup:
+        """The supervisor's group (see ``hand_over``), for the controllers it has."""
+        missing = sorted(set(controllers) - set(folders))
+        if missing:
+            raise ConfigError(
+                "limits",
+                f"in a jail, only limits given at the start can be changed (no "
+                f"{', '.join(missing)} group was made): start the VM with that limit",
+            )
+        if self._group is None:
+            # own folders: the group's grandparents (OWN/kasou/NAME-PID); never written here
+            owners = {name: folder.parent.parent for name, folder in folders.items()}
+            hierarchy = Hierarchy(
+                version,
+                {"": next(iter(owners.values()))} if version == 2 else owners,
+                frozenset(folders),
+            )
+            self._group = Cgroup(hierarchy, "handed")
+            self._group.folders = dict(folders)
+            self._adopted = True
         return self._group
 
     def pin_vcpus(self, threads: Mapping[int, int]) -> None:
@@ -175,6 +215,7 @@ class Resources:
         }
 
     def close(self) -> None:
-        """Move kasou back to where it started and remove the group."""
-        if self._group is not None:
+        """Move kasou back to where it started and remove the group (an adopted one is
+        its maker's to remove)."""
+        if self._group is not None and not self._adopted:
             self._group.remove()

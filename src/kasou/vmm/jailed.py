@@ -100,4 +100,22 @@ def run_jailed_vm(config: VmConfig) -> int:
             print_crash(ending)
         return ending.status
 
-    return run_jailed(config.jail, jail_plan(config), before_drop, body)
+    # The cgroup is made here, by the supervisor, which the VMM's process inherits it from;
+    # its folders are handed to the jail so the VMM changes its limits live.
+    resources = None
+    delegated: tuple[Path, ...] = ()
+    if config.limits is not None and config.limits != type(config.limits)():
+        from kasou.resources import Resources, hand_over
+
+        resources = Resources.open(
+            config.name, config.limits, vcpus=config.vcpus, memory=config.memory
+        )
+        if resources.group is not None:
+            hand_over(resources.group)
+            delegated = tuple(resources.group.folders.values())
+    try:
+        plan = jail_plan(config)._replace(delegated=delegated)
+        return run_jailed(config.jail, plan, before_drop, body)
+    finally:
+        if resources is not None:
+            resources.close()
