@@ -114,9 +114,9 @@ def test_the_jailed_vmm_sees_only_its_jail(guest_elf: Path, tmp_path: Path) -> N
                 "null",
                 "urandom",
             ]
-            # Only its own PID namespace: the VMM is PID 1 and sees no host process.
+            # Only its own PID namespace: the VMM is PID 1, its reporter 2; no host process.
             pids = [p.name for p in (root / "proc").iterdir() if p.name.isdigit()]
-            assert pids == ["1"]
+            assert pids == ["1", "2"]  # the VMM and its seccomp reporter (jail/seccomp.py)
             # No network but lo without a TAP.
             devices = Path(f"/proc/{vm.child}/net/dev").read_text().splitlines()[2:]
             assert [line.split(":")[0].strip() for line in devices] == ["lo"]

@@ -5,45 +5,62 @@ really call by ``tests/tools/seccomp_record.py``), their compilation into BPF th
 libseccomp (pyseccomp), their installation on each thread (seccomp(2)) and the report when a
 thread makes a call outside its list. It does not decide which thread has which role: the
 VMM passes ``hook(role)`` to the threads it starts (an ``on_start`` callable run first on the
-thread) and calls ``enter("control")`` on its main thread.
+thread) and calls ``enter("control")`` on its main thread. Filters are a process's: only a
+VMM that owns its process (``kasou run``, on the main thread) uses them.
 
 Roles
 -----
 ``vcpu`` (threads in KVM_RUN and the exits handled there), ``device`` (the virtio event
 loops), ``control`` (the main thread, the runner's event loop: console, control socket,
 agent, and the workers it spawns: snapshots, migration). Every list also holds ``base.txt``:
-what any Python thread may call at any moment (signal return, allocator, locks, exit).
+what any Python thread may call at any moment (signal return, allocator, locks, exit), and
+what this module's own code calls on a filtered thread, which a recording without filters
+does not see (``own`` in ``Seccomp.__init__``): ``sendmsg`` on the reporter's socket only,
+and for the main thread ``kill`` and ``wait4`` of the reporter only.
+
+Reporting, from another process
+-------------------------------
+A call outside the list returns ``SECCOMP_RET_USER_NOTIF``: the calling thread blocks in the
+system call until a supervisor answers through the filter's listener fd
+(seccomp_unotify(2)). That supervisor cannot be a thread of the VMM: the blocked thread often
+holds Python's GIL (``os.getppid()`` and many other calls do not release it), so no other
+Python thread of the process would ever run. ``Seccomp.start`` therefore forks a *reporter*
+process first (single-threaded, from the main thread, before any filter and any VM thread):
+it keeps only fd 2 and its end of a ``SOCK_SEQPACKET`` socket pair, dies with the VMM's
+main thread (``PR_SET_PDEATHSIG``), ignores the stop signals a terminal sends the whole
+group (the VMM handles them) and runs under a small filter of its own. Each role thread,
+right after installing its filter, sends the listener fd over the socket (``SCM_RIGHTS``)
+and closes its own copy, so no thread of the VMM can answer (and so allow) a notification.
+The reporter polls every listener; on a notification it names the thread
+(``/proc/<vmm>/task/<tid>/comm``), writes ``kasou: seccomp: thread NAME made a forbidden
+system call: NAME (NR); stopping`` to stderr and kills the VMM with SIGKILL. When the VMM
+ends normally it kills and reaps the reporter (``atexit``); on a kill -9 of the VMM,
+``PR_SET_PDEATHSIG`` ends it; in a jail (``kasou run --jail``) the VMM is PID 1 of its PID
+namespace and the reporter its child, which the kernel ends with it.
+``SECCOMP_RET_KILL_PROCESS`` alone prints nothing where no audit daemon runs, and
+``SECCOMP_RET_TRAP`` would have to report from a signal handler on the faulting thread,
+which Python cannot do safely.
 
 Order of installation, and why
 ------------------------------
 A filter applies to the thread that installs it and to every thread that thread creates
 afterwards; filters stack (a call passes only if every filter in the chain allows it), and
-the kernel allows one notification listener per chain (``EBUSY`` otherwise; seccomp_unotify(2)).
-Each role thread needs its own listener, so it must start from a chain without one:
+the kernel allows one notification listener per chain (``EBUSY`` otherwise;
+seccomp_unotify(2)). Each role thread needs its own listener, so it must start from a chain
+without one:
 
-1. ``Seccomp.start`` (main thread, before any other thread of the VM) compiles every program
-   (libseccomp is loaded here, before any chroot) and starts the supervisor thread
-   ``kasou-seccomp``. It installs a filter allowing the union of all roles, without a
-   listener and with ``SECCOMP_RET_USER_NOTIF`` for anything else (ENOSYS there, as it has
-   no listener; a kill would outrank the notification of the threads it starts): it runs
-   only this module's fixed code (reading notifications, starting threads).
-2. Role threads are started *by the supervisor* (``spawn``): their chain is
-   [union, role], which allows exactly the role's list (role is a subset of the union), and
-   has no listener yet, so each installs its role's filter with its own listener at its start.
+1. ``Seccomp.start`` (main thread, before any other thread of the VM) forks the reporter,
+   compiles every program and starts the spawner thread ``kasou-seccomp``. The spawner
+   installs a filter allowing the union of all roles, without a listener (a call outside
+   fails with ENOSYS there): it only starts threads.
+2. Role threads are started *by the spawner* (``spawn``): their chain is [union, role],
+   which allows exactly the role's list (role is a subset of the union), and has no
+   listener yet, so each installs its role's filter with its own listener at its start.
 3. The main thread installs the ``control`` filter after the first boot's threads started
    (``enter``). On a guest reboot it builds again under that filter, but it never creates
    the new VM's threads itself: ``spawn`` does. Threads that a filtered thread creates
    directly (control workers from the control loop, the console output thread from a vCPU)
    keep their creator's list and report through their creator's listener.
-
-Reporting
----------
-A call outside the list returns ``SECCOMP_RET_USER_NOTIF``: the calling thread blocks and
-the supervisor, polling every listener fd, reads the notification (thread id, syscall
-number), prints ``kasou: seccomp: thread NAME made a forbidden system call: NAME (NR);
-stopping`` to stderr and kills the process with SIGKILL. ``SECCOMP_RET_KILL_PROCESS`` alone
-prints nothing where no audit daemon runs, and ``SECCOMP_RET_TRAP`` would have to report from
-a signal handler on the faulting thread, which Python cannot do safely.
 
 Test hook
 ---------
@@ -54,20 +71,22 @@ tests can watch the report and the kill. Without ``KASOU_TEST_HOOKS=1`` the prob
 
 from __future__ import annotations
 
+import array
+import atexit
 import ctypes
-import errno
 import logging
 import os
 import queue
 import select
 import signal
+import socket
 import struct
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
-from typing import Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 from kasou._sys import set_thread_name
 from kasou.errors import HostError
@@ -90,16 +109,26 @@ ROLES: tuple[Role, ...] = ("vcpu", "device", "control")
 PROBE_SYSCALL = "getppid"  # what the test hook calls: in no role's list
 
 _T = TypeVar("_T")
-# What the supervisor needs beyond the roles: its own calls (reading notifications, naming
-# the thread, the report) and what a thread it starts does before its role filter is on.
-_SUPERVISOR_OWN = frozenset(
-    {"seccomp", "prctl", "epoll_wait", "ioctl", "openat", "read", "close", "write", "kill"}
+# What the spawner needs beyond the roles: starting a thread, and what the new thread does
+# before its role filter is on (naming itself, no_new_privs, seccomp).
+_SPAWNER_OWN = frozenset(
+    {"clone3", "set_robust_list", "rseq", "prctl", "seccomp", "gettid", "sigaltstack"}
 )
+# What the reporter calls once its own filter is on (anything else kills it).
+_REPORTER_CALLS = frozenset(
+    {
+        "epoll_wait", "epoll_pwait", "epoll_ctl", "recvmsg", "ioctl", "openat", "read",
+        "close", "write", "kill", "exit_group", "exit", "getpid", "getppid", "rt_sigreturn",
+        "mmap", "munmap", "brk", "mremap", "madvise", "futex", "restart_syscall",
+        "clock_gettime",
+    }
+)  # fmt: skip
 
 # linux/seccomp.h, linux/prctl.h; x86_64 syscall numbers (arch/x86/entry/syscalls).
 _SYS_SECCOMP = 317
 _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _BPF_INSN = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
 # struct seccomp_notif: u64 id, u32 pid, u32 flags, struct seccomp_data (int nr, u32 arch,
@@ -108,6 +137,8 @@ _NOTIF = struct.Struct("<QIIiIQ6Q")
 assert _NOTIF.size == 80
 # _IOWR('!', 0, struct seccomp_notif)
 _SECCOMP_IOCTL_NOTIF_RECV = (3 << 30) | (_NOTIF.size << 16) | (ord("!") << 8) | 0
+_FD = struct.Struct("i")  # one fd in an SCM_RIGHTS message (unix(7))
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the VMM's to handle
 
 
 class _SockFprog(ctypes.Structure):
@@ -150,29 +181,41 @@ def parse_list(text: str, source: str = "list") -> frozenset[str]:
 
 
 def load_lists() -> dict[str, frozenset[str]]:
-    """Each role's allow-list (its file plus ``base.txt``), and ``"supervisor"``: the union."""
+    """Each role's allow-list (its file plus ``base.txt``), and ``"spawner"``: the union of
+    the roles and what the spawner needs to start threads."""
     folder = resources.files("kasou.jail") / "syscalls"
     base = parse_list((folder / "base.txt").read_text(), "base.txt")
     lists: dict[str, frozenset[str]] = {}
     for role in ROLES:
         name = f"{role}.txt"
         lists[role] = base | parse_list((folder / name).read_text(), name)
-    lists["supervisor"] = frozenset().union(*lists.values(), _SUPERVISOR_OWN)
+    lists["spawner"] = frozenset().union(*lists.values(), _SPAWNER_OWN)
     return lists
 
 
-def compile_filter(allowed: Iterable[str], otherwise: int | None = None) -> bytes:
-    """A BPF program (struct sock_filter[]) that allows ``allowed`` on x86_64 and returns
-    ``otherwise`` (default: ``SECCOMP_RET_USER_NOTIF``) for every other call."""
+def compile_filter(
+    allowed: Iterable[str],
+    otherwise: int | None = None,
+    only: Iterable[tuple[str, int, int]] = (),
+) -> bytes:
+    """A BPF program (struct sock_filter[]) for x86_64 that allows ``allowed``, allows each
+    ``(name, argument, value)`` of ``only`` when that argument (0-based) equals ``value``
+    (unless ``name`` is allowed outright), and returns ``otherwise`` (default:
+    ``SECCOMP_RET_USER_NOTIF``) for every other call."""
     import pyseccomp  # type: ignore[import-untyped]
 
     arch = pyseccomp.system_arch()
     action = pyseccomp.NOTIFY if otherwise is None else otherwise
     rules = pyseccomp.SyscallFilter(action)
-    for name in sorted(allowed):
+    names = frozenset(allowed)
+    for name in sorted(names | {name for name, _, _ in only}):
         if pyseccomp.resolve_syscall(arch, name) < 0:
             raise SeccompError(f"{name!r} is no system call on this architecture")
+    for name in sorted(names):
         rules.add_rule(pyseccomp.ALLOW, name)
+    for name, argument, value in only:
+        if name not in names:
+            rules.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(argument, pyseccomp.EQ, value))
     with tempfile.TemporaryFile() as out:
         rules.export_bpf(out)
         out.seek(0)
@@ -202,15 +245,89 @@ def _install(program: bytes, listener: bool) -> int:
     return int(result) if listener else -1
 
 
-def _thread_name(tid: int) -> str:
+# --- the reporter process ---------------------------------------------------------------
+
+
+def _report_forever(channel: int, vmm: int, names: Mapping[int, str], program: bytes) -> NoReturn:
+    """The reporter's whole life, in the forked child: never returns."""
+    status = 0
     try:
-        with open(f"/proc/self/task/{tid}/comm", "rb") as comm:
-            return comm.read().decode(errors="replace").strip() or f"tid {tid}"
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != vmm:  # the VMM died before PDEATHSIG was set
+            os._exit(0)
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        os.closerange(0, 2)
+        os.closerange(3, channel)
+        os.closerange(channel + 1, max(channel + 1, os.sysconf("SC_OPEN_MAX")))
+        set_thread_name("kasou-seccomp")
+        poller = select.epoll()
+        poller.register(channel, select.EPOLLIN)
+        sock = socket.socket(fileno=channel)  # before the filter: it asks getsockname
+        _install(program, listener=False)
+        _serve(sock, poller, vmm, names)
+    except BaseException:
+        status = 1
+    os._exit(status)
+
+
+def _serve(sock: socket.socket, poller: select.epoll, vmm: int, names: Mapping[int, str]) -> None:
+    """Take listener fds from ``sock``; report (and kill the VMM) on a notification;
+    return when the VMM closed its end."""
+    size = socket.CMSG_SPACE(_FD.size * 8)
+    channel = sock.fileno()
+    while True:
+        try:
+            ready = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, events in ready:
+            if fd == channel:
+                data, ancillary, _, _ = sock.recvmsg(16, size)
+                if not data:
+                    return  # the VMM ended
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds = array.array("i")
+                        fds.frombytes(payload[: len(payload) - len(payload) % _FD.size])
+                        for listener in fds:
+                            poller.register(listener, select.EPOLLIN)
+            elif events & select.EPOLLIN:
+                message = _notification(fd, vmm, names)
+                if message is not None:
+                    try:
+                        os.write(2, message.encode())
+                    finally:
+                        os.kill(vmm, signal.SIGKILL)
+                    return
+            else:  # every thread under that filter has ended (seccomp_unotify(2))
+                poller.unregister(fd)
+                os.close(fd)
+
+
+def _notification(listener: int, vmm: int, names: Mapping[int, str]) -> str | None:
+    """The report of the notification waiting on ``listener`` (None if it went away: the
+    caller was interrupted meanwhile, and will call again)."""
+    buffer = ctypes.create_string_buffer(_NOTIF.size)  # zeroed, as NOTIF_RECV requires
+    if _ioctl(listener, _SECCOMP_IOCTL_NOTIF_RECV, buffer) != 0:
+        return None
+    _, tid, _, number, *_ = _NOTIF.unpack(buffer.raw)
+    thread = f"tid {tid}"
+    try:
+        comm = os.open(f"/proc/{vmm}/task/{tid}/comm", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            thread = os.read(comm, 64).decode(errors="replace").strip() or thread
+        finally:
+            os.close(comm)
     except OSError:
-        return f"tid {tid}"
+        pass
+    return (
+        f"kasou: seccomp: thread {thread} made a forbidden system call: "
+        f"{names.get(number, 'unknown')} ({number}); stopping\n"
+    )
 
 
-# --- the supervisor ---------------------------------------------------------------------
+# --- the VMM's side ---------------------------------------------------------------------
 
 
 class _Call:
@@ -224,45 +341,69 @@ class _Call:
 
 
 class Seccomp:
-    """The process's filters: programs compiled once, and the supervisor thread."""
+    """The process's filters: the programs, the reporter process and the spawner thread."""
 
     _instance: Seccomp | None = None
     _instance_lock = threading.Lock()
-    _prepared: tuple[dict[str, bytes], dict[int, str]] | None = None
+    _prepared: tuple[dict[str, frozenset[str]], dict[int, str]] | None = None
 
-    def __init__(self, programs: Mapping[str, bytes], names: Mapping[int, str]) -> None:
-        self._programs = dict(programs)
-        self._names = dict(names)  # syscall numbers of this arch, resolved before any jail
-        self._epoll = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll.register(self._wake, select.EPOLLIN)
-        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
-        self._listeners: set[int] = set()
+    def __init__(self, lists: Mapping[str, frozenset[str]], names: Mapping[int, str]) -> None:
+        """Fork the reporter and compile the programs (``start`` calls it)."""
+        import pyseccomp
+
+        reporter_program = compile_filter(
+            _REPORTER_CALLS,
+            pyseccomp.KILL_PROCESS,  # nobody to report to: the reporter just dies
+        )
+        self._channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        vmm = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as error:
+            self._channel.close()
+            theirs.close()
+            raise SeccompError(f"cannot start the seccomp reporter: {error}") from error
+        if pid == 0:
+            _report_forever(theirs.fileno(), vmm, names, reporter_program)
+        theirs.close()
+        self._reporter = pid
+        channel = self._channel.fileno()
+        own = {
+            "vcpu": [("sendmsg", 0, channel)],
+            "device": [("sendmsg", 0, channel)],
+            "control": [("sendmsg", 0, channel), ("kill", 0, pid), ("wait4", 0, pid)],
+        }
+        self._programs: dict[str, bytes] = {
+            role: compile_filter(lists[role], only=own[role]) for role in ROLES
+        }
+        for role in ROLES:  # for a thread whose chain has a listener already
+            self._programs[f"{role}-silent"] = compile_filter(
+                lists[role], pyseccomp.KILL_PROCESS, own[role]
+            )
+        self._programs["spawner"] = compile_filter(lists["spawner"], only=own["control"])
         self._entered: set[int] = set()  # native ids of threads that installed a role
         self._probe = _probe_role()
         self._probed = False
+        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="kasou-seccomp", daemon=True)
+        self._thread = threading.Thread(target=self._spawner, name="kasou-seccomp", daemon=True)
+        atexit.register(self._end)
 
     @classmethod
     def prepare(cls) -> None:
-        """Load libseccomp and compile every program, starting no thread: call it before a
-        chroot or pivot_root (the jail), or before unsharing namespaces that need a
-        single-threaded process. ``start`` does it when nobody did."""
+        """Load libseccomp, read the lists and name every system call number, starting
+        nothing: call it before a pivot_root (the jail), where libseccomp cannot be found.
+        ``start`` does it when nobody did."""
         with cls._instance_lock:
             if cls._prepared is not None:
                 return
-            import pyseccomp  # type: ignore[import-untyped]
+            import pyseccomp
 
             lists = load_lists()
-            programs = {role: compile_filter(lists[role]) for role in lists}
-            for role in ROLES:  # for a thread whose chain has a listener already
-                programs[f"{role}-silent"] = compile_filter(lists[role], pyseccomp.KILL_PROCESS)
-            # SECCOMP_RET_USER_NOTIF, not a kill: in a thread it starts, the newer role
-            # filter's notification must win (equal actions: the newest filter decides); in
-            # the supervisor itself, which has no listener, a call outside fails with ENOSYS.
-            programs["supervisor"] = compile_filter(lists["supervisor"])
+            compile_filter(lists["spawner"])  # every name resolves, the library works
             arch = pyseccomp.system_arch()
             names = {}
             for number in range(512):  # x86_64 numbers are below 512 (x32 is refused)
@@ -270,12 +411,12 @@ class Seccomp:
                     names[number] = pyseccomp.resolve_syscall(arch, number).decode()
                 except ValueError:
                     continue  # a hole in the table
-            cls._prepared = (programs, names)
+            cls._prepared = (lists, names)
 
     @classmethod
     def start(cls) -> Seccomp:
-        """The process's ``Seccomp``, started on first use (before the threads it will
-        filter exist)."""
+        """The process's ``Seccomp``, started on first use (on the main thread, before the
+        threads it will filter exist)."""
         cls.prepare()
         with cls._instance_lock:
             if cls._instance is None:
@@ -284,7 +425,8 @@ class Seccomp:
                 instance._thread.start()
                 instance._ready.wait()
                 if instance._failure is not None:
-                    raise SeccompError(f"the seccomp supervisor failed: {instance._failure}")
+                    instance._end()
+                    raise SeccompError(f"the seccomp spawner failed: {instance._failure}")
                 cls._instance = instance
             return cls._instance
 
@@ -293,13 +435,18 @@ class Seccomp:
         """The process's ``Seccomp`` once ``start`` ran, else ``None``."""
         return cls._instance
 
+    @property
+    def reporter(self) -> int:
+        """The reporter's process id."""
+        return self._reporter
+
     def hook(self, role: Role) -> Callable[[], None]:
         """What a thread of ``role`` calls first on its own thread (``on_start``)."""
         return lambda: self.enter(role)
 
     def enter(self, role: Role) -> None:
-        """Install ``role``'s filter on the calling thread, with a listener this supervisor
-        reads. A thread that already entered a role keeps it."""
+        """Install ``role``'s filter on the calling thread and hand its listener to the
+        reporter. A thread that already entered a role keeps it."""
         me = threading.get_native_id()
         if me in self._entered:
             return
@@ -313,83 +460,54 @@ class Seccomp:
             fd = -1
         self._entered.add(me)
         if fd >= 0:
-            os.set_inheritable(fd, False)
-            self._listeners.add(fd)
-            self._epoll.register(fd, select.EPOLLIN)
+            try:
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))]
+                self._channel.sendmsg([b"L"], rights)
+            except OSError as error:  # the reporter is gone: forbidden calls get ENOSYS
+                log.warning("seccomp: cannot reach the reporter (%s)", error)
+            finally:
+                os.close(fd)  # no thread of the VMM may answer its own notifications
         if self._probe == role and not self._probed:
             self._probed = True
             os.getppid()  # the test hook: PROBE_SYSCALL is in no list
 
     def spawn(self, function: Callable[[], _T]) -> _T:
-        """Run ``function`` on the supervisor thread and return what it returns: threads it
+        """Run ``function`` on the spawner thread and return what it returns: threads it
         starts begin with a chain that has no listener (see the module docstring)."""
         if threading.current_thread() is self._thread:
             return function()
         call = _Call(function)
         self._calls.put(call)
-        os.eventfd_write(self._wake, 1)
         call.done.wait()
         if call.error is not None:
             raise call.error
         return call.result  # type: ignore[return-value]
 
-    def _run(self) -> None:
+    def _spawner(self) -> None:
         set_thread_name("kasou-seccomp")
         try:
-            _install(self._programs["supervisor"], listener=False)
+            _install(self._programs["spawner"], listener=False)
         except BaseException as error:
             self._failure = error
             self._ready.set()
             return
         self._ready.set()
         while True:
-            try:
-                ready = self._epoll.poll()
-            except InterruptedError:
-                continue
-            for fd, events in ready:
-                if fd == self._wake:
-                    self._serve_calls()
-                elif events & select.EPOLLIN:
-                    self._report(fd)
-                elif events & (select.EPOLLHUP | select.EPOLLERR):
-                    # Every thread under that filter has ended (seccomp_unotify(2)).
-                    self._epoll.unregister(fd)
-                    self._listeners.discard(fd)
-                    os.close(fd)
-
-    def _serve_calls(self) -> None:
-        try:
-            os.eventfd_read(self._wake)
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                return
+            call = self._calls.get()
             try:
                 call.result = call.function()
             except BaseException as error:
                 call.error = error
             call.done.set()
 
-    def _report(self, fd: int) -> None:
-        notification = ctypes.create_string_buffer(_NOTIF.size)
-        if _ioctl(fd, _SECCOMP_IOCTL_NOTIF_RECV, notification) != 0:
-            if ctypes.get_errno() in (errno.ENOENT, errno.EINTR):
-                return  # the caller was interrupted meanwhile; it will call again
-            return
-        _, tid, _, number, *_ = _NOTIF.unpack(notification.raw)
-        name = self._names.get(number, "unknown")
-        message = (
-            f"kasou: seccomp: thread {_thread_name(tid)} made a forbidden system call: "
-            f"{name} ({number}); stopping\n"
-        )
+    def _end(self) -> None:
+        """At the VMM's exit: end and reap the reporter (no zombie, no stray process)."""
         try:
-            os.write(2, message.encode())
-        finally:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(self._reporter, signal.SIGKILL)
+            os.waitpid(self._reporter, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self._channel.close()
 
 
 def _probe_role() -> str | None:

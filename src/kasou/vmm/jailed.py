@@ -84,6 +84,10 @@ def run_jailed_vm(config: VmConfig) -> int:
     from kasou.jail import run_jailed
 
     assert config.jail is not None
+    if config.seccomp:  # libseccomp is found through ldconfig, which the jail does not have
+        from kasou.jail.seccomp import Seccomp
+
+        Seccomp.prepare()
 
     def before_drop() -> Sequence[int]:
         from kasou.tap import open_tap
