@@ -91,18 +91,29 @@ def test_a_quota_holds_a_spinning_guest_and_changes_live(guest_elf: Path, tmp_pa
         assert abs(_cpu_share(client) - 0.2) <= 0.1
 
 
+def _last_cpu(pid: int, tid: int) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2 :].split()[36])
+
+
 def test_pinned_vcpu_threads_run_on_their_cpus(guest_elf: Path, tmp_path: Path) -> None:
     sock = tmp_path / "vm.sock"
     with kasou(guest_elf, sock, "--cpu-pin", "0=1,1=0", vcpus=2) as process:
-        with ControlClient(sock) as client:
-            vcpus = {vcpu["vcpu"]: vcpu["tid"] for vcpu in client.limits()["vcpus"]}
-            assert client.limits()["cgroup"] is None  # pinning alone makes no group
+        deadline = time.monotonic() + 30
+        vcpus: dict[int, int] = {}
+        while len(vcpus) < 2:  # the socket answers before the vCPU threads exist
+            assert time.monotonic() < deadline, "the vCPUs never started"
+            with ControlClient(sock) as client:
+                report = client.limits()
+            vcpus = {vcpu["vcpu"]: vcpu["tid"] for vcpu in report["vcpus"]}
+        assert report["cgroup"] is None  # pinning alone makes no group
         assert os.sched_getaffinity(vcpus[0]) == {1}
         assert os.sched_getaffinity(vcpus[1]) == {0}
-        # vCPU 0 spins: it runs, so the CPU it last ran on is its pinned one (proc(5),
-        # field 39 of /proc/PID/task/TID/stat).
-        stat = Path(f"/proc/{process.pid}/task/{vcpus[0]}/stat").read_bytes()
-        assert int(stat[stat.rfind(b")") + 2 :].split()[36]) == 1
+        # vCPU 0 spins: once it has run since it was pinned, the CPU it last ran on is its
+        # pinned one (proc(5), field 39 of /proc/PID/task/TID/stat).
+        while _last_cpu(process.pid, vcpus[0]) != 1:
+            assert time.monotonic() < deadline, "vCPU 0 never ran on CPU 1"
+            time.sleep(0.05)
         with ControlClient(sock) as client:
             client.limits(cpu_pin="0=0")
         assert os.sched_getaffinity(vcpus[0]) == {0}
