@@ -86,7 +86,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
-from typing import Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from kasou._sys import set_thread_name
 from kasou.errors import HostError
@@ -193,6 +193,38 @@ def load_lists() -> dict[str, frozenset[str]]:
     return lists
 
 
+def _pyseccomp() -> Any:
+    """pyseccomp, imported without the two ``ldconfig -p`` runs its import makes through
+    ctypes.util.find_library (a fork and exec each, ~3 ms of every start, and nothing to find
+    after a pivot_root): the sonames Debian's libc6 and libseccomp2 install are tried first,
+    and the real search only if they do not load."""
+    module = sys.modules.get("pyseccomp")
+    if module is not None:
+        return module
+    import ctypes.util
+
+    search = ctypes.util.find_library
+    sonames = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+    def find(name: str) -> str | None:
+        soname = sonames.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+            except OSError:
+                pass
+            else:
+                return soname
+        return search(name)
+
+    ctypes.util.find_library = find
+    try:
+        import pyseccomp  # type: ignore[import-untyped]
+    finally:
+        ctypes.util.find_library = search
+    return pyseccomp
+
+
 def compile_filter(
     allowed: Iterable[str],
     otherwise: int | None = None,
@@ -202,7 +234,7 @@ def compile_filter(
     ``(name, argument, value)`` of ``only`` when that argument (0-based) equals ``value``
     (unless ``name`` is allowed outright), and returns ``otherwise`` (default:
     ``SECCOMP_RET_USER_NOTIF``) for every other call."""
-    import pyseccomp  # type: ignore[import-untyped]
+    pyseccomp = _pyseccomp()
 
     arch = pyseccomp.system_arch()
     action = pyseccomp.NOTIFY if otherwise is None else otherwise
@@ -349,7 +381,7 @@ class Seccomp:
 
     def __init__(self, lists: Mapping[str, frozenset[str]], names: Mapping[int, str]) -> None:
         """Fork the reporter and compile the programs (``start`` calls it)."""
-        import pyseccomp
+        pyseccomp = _pyseccomp()
 
         reporter_program = compile_filter(
             _REPORTER_CALLS,
@@ -400,7 +432,7 @@ class Seccomp:
         with cls._instance_lock:
             if cls._prepared is not None:
                 return
-            import pyseccomp
+            pyseccomp = _pyseccomp()
 
             lists = load_lists()
             compile_filter(lists["spawner"])  # every name resolves, the library works
