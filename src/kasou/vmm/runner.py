@@ -380,9 +380,8 @@ def vcpu_threads(vm: Vm) -> dict[int, int]:
     """The kernel thread id of each started vCPU, by index (for pinning)."""
     threads = {}
     for vcpu in vm.vcpus:
-        thread = vcpu._thread
-        if thread is not None and thread.native_id is not None:
-            threads[vcpu.index] = thread.native_id
+        if vcpu.thread_id is not None:
+            threads[vcpu.index] = vcpu.thread_id
     return threads
 
 

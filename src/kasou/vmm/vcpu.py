@@ -166,6 +166,11 @@ class Vcpu:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def thread_id(self) -> int | None:
+        """The kernel's id of the vCPU's thread once it runs (for pinning), else None."""
+        return None if self._thread is None else self._thread.native_id
+
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN (or not enter it) and look at its queue."""
         thread = self._thread
