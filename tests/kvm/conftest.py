@@ -12,6 +12,9 @@ console. Every VM carries two monitors that fail the test when crossed:
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -161,3 +164,25 @@ def boot(guest_elf: Path) -> Iterator[BootFactory]:
             (name, seconds) for name, seconds in result.latencies if seconds > CONTROL_LATENCY_LIMIT
         ]
         assert not slow, f"control requests slower than {CONTROL_LATENCY_LIMIT} s: {slow}"
+
+
+KASOU = str(Path(sys.executable).with_name("kasou"))
+
+
+@contextlib.contextmanager
+def kasou_with_socket(command: list[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` (a ``kasou run`` with ``--api-sock sock``) in the background, yielded once
+    its control socket exists; killed if the test leaves it running."""
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():  # another process's start-up, with a deadline
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the control socket did not appear"
+            time.sleep(0.01)
+        yield process
+    finally:
+        process.kill()
+        process.communicate()

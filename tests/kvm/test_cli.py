@@ -17,7 +17,7 @@ import pytest
 
 from kasou.guestkit import cmdline
 
-KASOU = str(Path(sys.executable).with_name("kasou"))
+from .conftest import KASOU, kasou_with_socket
 
 
 def run(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
@@ -194,7 +194,7 @@ def running_vm(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``kasou run`` in the background with a control socket; killed if the test leaves
     it running."""
-    process = subprocess.Popen(
+    with kasou_with_socket(
         [
             KASOU,
             "run",
@@ -208,20 +208,9 @@ def running_vm(
             str(sock),
             *options,
         ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():  # another process's start-up, with a deadline
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the control socket did not appear"
-            time.sleep(0.01)
+        sock,
+    ) as process:
         yield process
-    finally:
-        process.kill()
-        process.communicate()
 
 
 def test_control_commands_drive_a_running_vm(guest_elf: Path, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from kasou.client.control import ControlClient
 from kasou.guestkit import cmdline
 from kasou.jail import DEFAULT_ID
 
-KASOU = str(Path(sys.executable).with_name("kasou"))
+from .conftest import KASOU, kasou_with_socket
 
 if os.geteuid() != 0:
     pytest.skip("--jail needs root", allow_module_level=True)
@@ -65,22 +64,9 @@ class Jailed:
 def jailed(
     elf: Path, base: Path, sock: Path, workload: str = "wait", *options: str
 ) -> Iterator[Jailed]:
-    process = subprocess.Popen(
-        _args(elf, base, workload, "--api-sock", str(sock), *options),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():  # another process's start-up, with a deadline
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the control socket did not appear"
-            time.sleep(0.01)
+    command = _args(elf, base, workload, "--api-sock", str(sock), *options)
+    with kasou_with_socket(command, sock) as process:
         yield Jailed(process, sock)
-    finally:
-        process.kill()
-        process.communicate()
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:

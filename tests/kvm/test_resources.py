@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from kasou.client import ControlClient
 from kasou.guestkit import cmdline
 from kasou.resources import find_hierarchy
 
-KASOU = str(Path(sys.executable).with_name("kasou"))
+from .conftest import KASOU, kasou_with_socket
 
 if os.geteuid() != 0 or "cpu" not in find_hierarchy().available:
     pytest.skip("needs root and a cgroup cpu controller", allow_module_level=True)
@@ -40,7 +39,7 @@ def kasou(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``kasou run`` spinning in ring 3 (``counter``) with a control socket; killed if the
     test leaves it running."""
-    process = subprocess.Popen(
+    with kasou_with_socket(
         [
             KASOU,
             "run",
@@ -58,20 +57,9 @@ def kasou(
             str(sock),
             *options,
         ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():  # another process's start-up, with a deadline
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the control socket did not appear"
-            time.sleep(0.01)
+        sock,
+    ) as process:
         yield process
-    finally:
-        process.kill()
-        process.communicate()
 
 
 def _cpu_share(client: ControlClient, seconds: float = 2.0) -> float:
