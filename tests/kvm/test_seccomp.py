@@ -145,3 +145,21 @@ def test_a_busy_vm_runs_its_requests_and_ends_normally(guest_elf: Path, tmp_path
         assert "seccomp" not in stderr
         assert (tmp_path / "snap").is_dir()
         _wait_gone(reporter)  # reaped by kasou at its end
+
+
+def test_the_recording_mode_writes_the_call_and_lets_it_through(
+    guest_elf: Path, tmp_path: Path
+) -> None:
+    """How the lists learn what only a Linux guest reaches (tests/tools/seccomp_record.py):
+    the call outside the list is written down and the VM goes on to its normal end."""
+    record = tmp_path / "calls.txt"
+    env = {"KASOU_TEST_HOOKS": "1", "KASOU_SECCOMP_PROBE": "vcpu"}
+    process = _kasou(
+        guest_elf, "--cmdline", cmdline("hello"),
+        env={**env, "KASOU_SECCOMP_RECORD": str(record)},
+    )  # fmt: skip
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert record.read_text() == (
+        "kasou: seccomp: thread kasou-vcpu0 made a forbidden system call: getppid (110); stopping\n"
+    )

@@ -12,6 +12,16 @@ call the lists miss does not end the recording. Run as root::
     .venv/bin/python tests/tools/seccomp_record.py            # write the lists
     .venv/bin/python tests/tools/seccomp_record.py --check    # only print what is missing
 
+Paths only a Linux guest reaches (TAP traffic, vsock exec and cp, scratch overlays) are found
+by kasou's recording mode instead: with ``KASOU_TEST_HOOKS=1 KASOU_SECCOMP_RECORD=FILE`` a
+call outside the lists is written to FILE and let through, so the e2e tier can run whole::
+
+    .venv/bin/kasou nested --share /tmp/rec -- sh -c \
+        "KASOU_TEST_HOOKS=1 KASOU_SECCOMP_RECORD=/tmp/rec/calls.txt .venv/bin/pytest -q tests/e2e"
+
+What it finds goes below the mark at the end of a list file (``KEPT``), which this script
+keeps when it writes the file again.
+
 Thread names to roles: ``kasou-vcpuN`` -> vcpu; ``kasou-kasou-eve`` (the runner's
 loop, and its control workers, which keep its name) and the main thread (``kasou``, from the
 first vCPU's start on) -> control; other ``kasou-*`` threads (``kasou-<vm>-virtio``, one loop
@@ -360,6 +370,9 @@ def record() -> tuple[dict[str, set[str]], list[str]]:
     return found, done
 
 
+KEPT = "# --- kept when tests/tools/seccomp_record.py writes this file again ---"
+
+
 def write_lists(found: dict[str, set[str]], done: list[str]) -> None:
     base = set()
     for line in (LISTS / "base.txt").read_text().splitlines():
@@ -376,7 +389,12 @@ def write_lists(found: dict[str, set[str]], done: list[str]) -> None:
             "# Do not edit by hand: add a workload and record again.",
         ]
         body = sorted(names - base)
-        (LISTS / f"{role}.txt").write_text("\n".join([*header, *body]) + "\n")
+        path = LISTS / f"{role}.txt"
+        # What the file has from the mark on stays: calls added by hand, and those the
+        # e2e tier's recording mode found (KASOU_SECCOMP_RECORD, jail/seccomp.py).
+        old = path.read_text() if path.exists() else ""
+        kept = old[old.index(KEPT) :].rstrip("\n").splitlines() if KEPT in old else []
+        path.write_text("\n".join([*header, *body, *kept]) + "\n")
 
 
 def main() -> int:

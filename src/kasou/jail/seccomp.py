@@ -137,6 +137,10 @@ _NOTIF = struct.Struct("<QIIiIQ6Q")
 assert _NOTIF.size == 80
 # _IOWR('!', 0, struct seccomp_notif)
 _SECCOMP_IOCTL_NOTIF_RECV = (3 << 30) | (_NOTIF.size << 16) | (ord("!") << 8) | 0
+# struct seccomp_notif_resp: u64 id, s64 val, s32 error, u32 flags; _IOWR('!', 1, ...).
+_RESP = struct.Struct("<QqiI")
+_SECCOMP_IOCTL_NOTIF_SEND = (3 << 30) | (_RESP.size << 16) | (ord("!") << 8) | 1
+_CONTINUE = 1  # SECCOMP_USER_NOTIF_FLAG_CONTINUE
 _FD = struct.Struct("i")  # one fd in an SCM_RIGHTS message (unix(7))
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the VMM's to handle
 
@@ -296,16 +300,24 @@ def _report_forever(channel: int, vmm: int, names: Mapping[int, str], program: b
         poller = select.epoll()
         poller.register(channel, select.EPOLLIN)
         sock = socket.socket(fileno=channel)  # before the filter: it asks getsockname
+        record = _record_path()
         _install(program, listener=False)
-        _serve(sock, poller, vmm, names)
+        _serve(sock, poller, vmm, names, record)
     except BaseException:
         status = 1
     os._exit(status)
 
 
-def _serve(sock: socket.socket, poller: select.epoll, vmm: int, names: Mapping[int, str]) -> None:
+def _serve(
+    sock: socket.socket,
+    poller: select.epoll,
+    vmm: int,
+    names: Mapping[int, str],
+    record: str | None = None,
+) -> None:
     """Take listener fds from ``sock``; report (and kill the VMM) on a notification;
-    return when the VMM closed its end."""
+    return when the VMM closed its end. With ``record`` (the lists' recording mode), append
+    the report to that file and let the call go on instead."""
     size = socket.CMSG_SPACE(_FD.size * 8)
     channel = sock.fileno()
     while True:
@@ -325,8 +337,14 @@ def _serve(sock: socket.socket, poller: select.epoll, vmm: int, names: Mapping[i
                         for listener in fds:
                             poller.register(listener, select.EPOLLIN)
             elif events & select.EPOLLIN:
-                message = _notification(fd, vmm, names)
-                if message is not None:
+                message = _notification(fd, vmm, names, record is not None)
+                if message is not None and record is not None:
+                    log_fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    try:
+                        os.write(log_fd, message.encode())
+                    finally:
+                        os.close(log_fd)
+                elif message is not None:
                     try:
                         os.write(2, message.encode())
                     finally:
@@ -337,13 +355,19 @@ def _serve(sock: socket.socket, poller: select.epoll, vmm: int, names: Mapping[i
                 os.close(fd)
 
 
-def _notification(listener: int, vmm: int, names: Mapping[int, str]) -> str | None:
+def _notification(
+    listener: int, vmm: int, names: Mapping[int, str], let_through: bool = False
+) -> str | None:
     """The report of the notification waiting on ``listener`` (None if it went away: the
-    caller was interrupted meanwhile, and will call again)."""
+    caller was interrupted meanwhile, and will call again). ``let_through``: the call goes
+    on as if allowed (SECCOMP_USER_NOTIF_FLAG_CONTINUE, seccomp_unotify(2))."""
     buffer = ctypes.create_string_buffer(_NOTIF.size)  # zeroed, as NOTIF_RECV requires
     if _ioctl(listener, _SECCOMP_IOCTL_NOTIF_RECV, buffer) != 0:
         return None
-    _, tid, _, number, *_ = _NOTIF.unpack(buffer.raw)
+    ident, tid, _, number, *_ = _NOTIF.unpack(buffer.raw)
+    if let_through:
+        answer = ctypes.create_string_buffer(_RESP.pack(ident, 0, 0, _CONTINUE), _RESP.size)
+        _ioctl(listener, _SECCOMP_IOCTL_NOTIF_SEND, answer)
     thread = f"tid {tid}"
     try:
         comm = os.open(f"/proc/{vmm}/task/{tid}/comm", os.O_RDONLY | os.O_CLOEXEC)
@@ -540,6 +564,15 @@ class Seccomp:
         except (ProcessLookupError, ChildProcessError):
             pass
         self._channel.close()
+
+
+def _record_path() -> str | None:
+    """The lists' recording mode (tests/tools/seccomp_record.py): with ``KASOU_TEST_HOOKS=1``
+    and ``KASOU_SECCOMP_RECORD=FILE``, calls outside the lists are written to FILE, one
+    report line each, and let through. Never enforced otherwise."""
+    if os.environ.get("KASOU_TEST_HOOKS") != "1":
+        return None
+    return os.environ.get("KASOU_SECCOMP_RECORD") or None
 
 
 def _probe_role() -> str | None:
