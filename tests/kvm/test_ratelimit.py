@@ -185,3 +185,40 @@ def test_a_limit_changed_through_the_control_socket_takes_effect_at_once(
     assert ends, lines
     print(f"\nafter the change the bench ended in {ends[0] - changed_at:.2f} s")
     assert ends[0] - changed_at < 5  # 32 s at the old limit
+
+
+@needs_tap
+@pytest.mark.parametrize(
+    "limit",
+    [RateLimit(ops=100), RateLimit(bandwidth=12_800)],  # 128-byte frames: 100 a second
+    ids=["tx-pps", "tx-bw"],
+)
+def test_an_interface_limited_on_transmit_sends_that_many_frames_a_second(
+    boot: BootFactory, limit: RateLimit
+) -> None:
+    """The guest sends 251 frames of 128 bytes, one in flight; they reach the TAP at the
+    limit's pace, timed by the host from the first to the last."""
+    name = _tap_name("t")
+    _ip("tuntap", "add", "dev", name, "mode", "tap")
+    payload = "kasou-tx".ljust(114, "x")  # 14 + 114 = 128 bytes on the wire
+    try:
+        _ip("link", "set", name, "up")
+        with _frames_on(name) as sock:
+            net = NetConfig(tap=name, mac="52:54:00:6b:73:02", tx_rate=limit)
+            vm = boot("vnet", settings={"nets": (net,)}, payload=payload, count=251)
+            arrivals = []
+            while len(arrivals) < 251:
+                frame = sock.recv(2048)
+                assert frame[14:].decode() == payload  # intact, none dropped
+                arrivals.append(time.monotonic())
+            guest = bytes.fromhex("5254006b7302")
+            sock.send(guest + bytes(6) + VNET_ETHERTYPE.to_bytes(2, "big") + bytes(46))
+            text = finished(vm)
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False, capture_output=True, timeout=30)
+    assert "vnet tx len=128 count=251" in text
+    rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    print(
+        f"\ntx limit {limit}: measured {rate:,.1f} frames/s over {arrivals[-1] - arrivals[0]:.2f} s"
+    )
+    assert abs(rate - 100) <= TOLERANCE * 100

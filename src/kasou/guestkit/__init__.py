@@ -89,6 +89,8 @@ vnet       ``payload=TEXT`` (kasou): ``vnet mac=<config MAC>``, posts receive bu
            60 bytes) with a zeroed 12-byte virtio_net_hdr_v1, prints ``vnet tx len=L``, then
            waits for a frame of that ethertype (others are skipped):
            ``vnet rx len=L src=<MAC> payload=<text>``, ``vnet skipped=K``, ``vnet ok``.
+           ``count=N`` (1) sends the frame N times, one in flight, between ``vnet tx start
+           count=N`` and ``vnet tx len=L count=N``.
 vsock      ``port=P lport=L payload=TEXT`` (1234, 49152, kasou-vsock): ``vsock
            guest_cid=C``; connects to the host (CID 2) port P: ``vsock connected port=P
            lport=L peer_buf_alloc=B``; sends TEXT (``vsock tx len=N``), reads N bytes back

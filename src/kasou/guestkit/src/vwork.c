@@ -494,7 +494,7 @@ void user_vnet(const struct user_args *args)
 	uint8_t *buffers, *frame;
 	struct vbuf out;
 	size_t plen, flen;
-	uint64_t token, skipped = 0;
+	uint64_t token, skipped = 0, count;
 	uint32_t len;
 	enum vq_wait_result r;
 
@@ -530,13 +530,22 @@ void user_vnet(const struct user_args *args)
 	memcpy(frame + sizeof(struct virtio_net_hdr_v1) + ETH_HEADER, payload, plen);
 	out = (struct vbuf){ (uint64_t)frame, (uint32_t)(sizeof(struct virtio_net_hdr_v1) + flen),
 			     false };
-	if (vq_add(&tx, &out, 1, 0) < 0)
-		ufail("virtio-net transmit queue full with nothing in flight");
-	vq_kick(&tx);
-	r = vq_wait(&tx, NULL, NULL);
-	if (r != VQ_USED)
-		ufail("vnet: %s waiting for the transmit queue", wait_name(r));
-	uprintf("vnet tx len=%lu\n", (uint64_t)flen);
+	/* count=N: the frame N times, one in flight (a transmit rate to measure). */
+	count = uarg(args, "count", 1);
+	if (count > 1)
+		uprintf("vnet tx start count=%lu\n", count);
+	for (uint64_t sent = 0; sent < count; sent++) {
+		if (vq_add(&tx, &out, 1, 0) < 0)
+			ufail("virtio-net transmit queue full with nothing in flight");
+		vq_kick(&tx);
+		r = vq_wait(&tx, NULL, NULL);
+		if (r != VQ_USED)
+			ufail("vnet: %s waiting for the transmit queue", wait_name(r));
+	}
+	if (count > 1)
+		uprintf("vnet tx len=%lu count=%lu\n", (uint64_t)flen, count);
+	else
+		uprintf("vnet tx len=%lu\n", (uint64_t)flen);
 
 	for (;;) {
 		uint8_t *got;
