@@ -13,6 +13,8 @@ console. Every VM carries two monitors that fail the test when crossed:
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import subprocess
 import sys
 import threading
@@ -186,3 +188,14 @@ def kasou_with_socket(command: list[str], sock: Path) -> Iterator[subprocess.Pop
     finally:
         process.kill()
         process.communicate()
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    """Block until process ``pid`` (not a child of this one) has ended: its pidfd turns
+    readable."""
+    with contextlib.suppress(ProcessLookupError):
+        fd = os.pidfd_open(pid)
+        try:
+            assert select.select([fd], [], [], timeout)[0], f"process {pid} still runs"
+        finally:
+            os.close(fd)

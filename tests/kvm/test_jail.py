@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ from kasou.client.control import ControlClient
 from kasou.guestkit import cmdline
 from kasou.jail import DEFAULT_ID
 
-from .conftest import KASOU, kasou_with_socket
+from .conftest import KASOU, kasou_with_socket, wait_gone
 
 if os.geteuid() != 0:
     pytest.skip("--jail needs root", allow_module_level=True)
@@ -67,16 +66,6 @@ def jailed(
     command = _args(elf, base, workload, "--api-sock", str(sock), *options)
     with kasou_with_socket(command, sock) as process:
         yield Jailed(process, sock)
-
-
-def _wait_gone(pid: int, timeout: float = 10) -> None:
-    """Block until process ``pid`` has ended (its pidfd turns readable)."""
-    with contextlib.suppress(ProcessLookupError):
-        fd = os.pidfd_open(pid)
-        try:
-            assert select.select([fd], [], [], timeout)[0], f"process {pid} still runs"
-        finally:
-            os.close(fd)
 
 
 def test_the_jailed_vmm_sees_only_its_jail(guest_elf: Path, tmp_path: Path) -> None:
@@ -144,7 +133,7 @@ def test_kill_9_of_the_supervisor_kills_the_vmm_and_the_next_run_sweeps(
     with jailed(guest_elf, base, sock) as vm:
         vm.process.kill()
         vm.process.wait(30)
-        _wait_gone(vm.child)  # PR_SET_PDEATHSIG
+        wait_gone(vm.child)  # PR_SET_PDEATHSIG
         assert len(os.listdir(base)) == 1  # nobody was left to clean up
     result = subprocess.run(
         _args(guest_elf, base, "hello"), capture_output=True, timeout=60, check=False

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import pytest
 from kasou.client import ControlClient
 from kasou.errors import HostError
 from kasou.guestkit import cmdline
+
+from .conftest import wait_gone
 
 KASOU = str(Path(sys.executable).with_name("kasou"))
 
@@ -67,15 +68,6 @@ def _seccomp_modes(pid: int) -> dict[str, str]:
     return modes
 
 
-def _wait_gone(pid: int, timeout: float = 10) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        fd = os.pidfd_open(pid)
-        try:
-            assert select.select([fd], [], [], timeout)[0], f"process {pid} still runs"
-        finally:
-            os.close(fd)
-
-
 @pytest.mark.parametrize(
     ("role", "thread"),
     [("vcpu", "kasou-vcpu0"), ("device", "kasou-kasou-vir"), ("control", "kasou-kasou-eve")],
@@ -106,7 +98,7 @@ def test_every_thread_and_the_reporter_run_filtered(guest_elf: Path, tmp_path: P
         assert Path(f"/proc/{reporter}/comm").read_text().strip() == "kasou-seccomp"
         process.kill()  # kill -9 of kasou: PR_SET_PDEATHSIG ends the reporter too
         process.wait()
-        _wait_gone(reporter)
+        wait_gone(reporter)
 
 
 def test_no_seccomp_leaves_the_threads_unfiltered(guest_elf: Path, tmp_path: Path) -> None:
@@ -144,7 +136,7 @@ def test_a_busy_vm_runs_its_requests_and_ends_normally(guest_elf: Path, tmp_path
         assert process.returncode == 0, stderr
         assert "seccomp" not in stderr
         assert (tmp_path / "snap").is_dir()
-        _wait_gone(reporter)  # reaped by kasou at its end
+        wait_gone(reporter)  # reaped by kasou at its end
 
 
 def test_the_recording_mode_writes_the_call_and_lets_it_through(
