@@ -12,6 +12,7 @@ operator isolating them would.
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from kasou.client import ControlClient
 from kasou.guestkit import DONE_LINE, FAIL_PREFIX, build_guest, cmdline
 
 KASOU = str(Path(sys.executable).with_name("kasou"))
-NEIGHBOUR_RUNS = 3
+NEIGHBOUR_PAIRS = 10
 
 
 def _devices(folder: Path) -> list[str]:
@@ -121,42 +122,63 @@ class _Timed:
 
 @pytest.fixture
 def hostile_neighbour(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A hostile guest on host CPU 1, attacking for as long as the test runs."""
+    """A hostile guest on host CPU 1, attacking for as long as the test runs (the test may
+    stop and continue its process to measure the neighbour alone)."""
     folder = tmp_path / "hostile"
     folder.mkdir()
     extra = [*_devices(folder), "--console", "none"]
     command = _kasou(cmdline("hostile", count=10**12, seed=99), extra, cpu=1)
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     yield process
+    process.send_signal(signal.SIGCONT)
     assert process.poll() is None, process.communicate()  # still up after the whole test
     process.terminate()
     assert process.wait(30) == 0
     process.communicate()
 
 
-def _neighbour_throughput(folder: Path) -> float:
-    """MB/s of 512 MiB of sequential 64 KiB reads (4 in flight) on host CPU 0: the median of
-    a few runs."""
-    disk = folder / "neighbour.raw"
-    with disk.open("wb") as file:
-        file.truncate(64 << 20)
-    workload = cmdline("vblk-bench", mode="read", size=65536, count=8192, depth=4)
-    figures = []
-    for _ in range(NEIGHBOUR_RUNS):
-        run = _Timed(_kasou(workload, ["--disk", f"{disk},format=raw"], cpu=0))
-        run.finish()
-        figures.append(8192 * 65536 / run.seconds_between("vblk-bench start", "vblk-bench end"))
-    return statistics.median(figures) / 1e6
+def _neighbour_throughput(disk: Path) -> float:
+    """MB/s of 512 MiB of sequential 64 KiB reads (4 in flight) by a VM on host CPU 0."""
+    count = 8192
+    workload = cmdline("vblk-bench", mode="read", size=65536, count=count, depth=4)
+    run = _Timed(_kasou(workload, ["--disk", f"{disk},format=raw"], cpu=0))
+    run.finish()
+    return count * 65536 / run.seconds_between("vblk-bench start", "vblk-bench end") / 1e6
+
+
+def _round(disk: Path, hostile: subprocess.Popen[bytes]) -> tuple[list[float], list[float]]:
+    """The neighbour alone and beside the attack in turns (the hostile VM stopped, then
+    continued), so that the host's own drift falls on both figures alike."""
+    solo, beside = [], []
+    for _ in range(NEIGHBOUR_PAIRS):
+        hostile.send_signal(signal.SIGSTOP)
+        solo.append(_neighbour_throughput(disk))
+        hostile.send_signal(signal.SIGCONT)
+        assert hostile.poll() is None
+        beside.append(_neighbour_throughput(disk))
+    return solo, beside
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two host CPUs to pin the VMs apart")
 def test_a_neighbours_disk_throughput_holds_beside_a_hostile_guest(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    solo = _neighbour_throughput(tmp_path)
+    """One run on one pinned CPU varies by about 10 % on its own (its vCPU and its I/O
+    thread share the CPU), so each figure is the median of NEIGHBOUR_PAIRS runs, and a round
+    that falls short is measured once more: a hostile guest that really slows its neighbour
+    fails both rounds, while noise alone fails one in a hundred or so."""
+    disk = tmp_path / "neighbour.raw"
+    with disk.open("wb") as file:
+        file.truncate(64 << 20)
     hostile = request.getfixturevalue("hostile_neighbour")
     time.sleep(1.0)  # let the attack get going (a process start, not a wait for a result)
-    assert hostile.poll() is None
-    beside = _neighbour_throughput(tmp_path)
-    print(f"neighbour: {solo:.0f} MB/s alone, {beside:.0f} MB/s beside a hostile guest")
-    assert beside >= 0.9 * solo, (solo, beside)
+    rounds = []
+    for _ in range(2):
+        solo, beside = _round(disk, hostile)
+        alone, attacked = statistics.median(solo), statistics.median(beside)
+        rounds.append((round(alone), round(attacked)))
+        print(f"neighbour: {alone:.0f} MB/s alone, {attacked:.0f} MB/s beside a hostile guest")
+        if attacked >= 0.9 * alone:
+            break
+    else:
+        pytest.fail(f"the neighbour's MB/s (alone, beside the attack) in each round: {rounds}")
