@@ -11,7 +11,12 @@
     │   └── ImageError          a kernel or initrd that cannot be loaded
     ├── LifecycleError          an action in the wrong VM state; names current and wanted state
     ├── SnapshotError           a snapshot cannot be written or read back
-    └── MigrationError          a migration failed
+    ├── MigrationError          a migration failed
+    └── DaemonError             a request to the host daemon (kasoud) cannot be met
+        ├── NotFoundError       no VM, operation or backup by that name
+        ├── ConflictError       the name is taken
+        ├── SpecError           a VM spec kasou cannot run; names the field
+        └── StateError          the action does not fit the VM's state (the daemon's view)
 
 Every message says what happened and what to do about it. Causes are chained with ``from``.
 Front ends turn a ``KasouError`` into a one-line message and exit status 2.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConflictError",
+    "DaemonError",
     "GuestError",
     "GuestMemoryError",
     "HostError",
@@ -29,7 +36,10 @@ __all__ = [
     "KvmError",
     "LifecycleError",
     "MigrationError",
+    "NotFoundError",
     "SnapshotError",
+    "SpecError",
+    "StateError",
 ]
 
 
@@ -93,3 +103,32 @@ class SnapshotError(KasouError):
 
 class MigrationError(KasouError):
     """A live migration failed."""
+
+
+class DaemonError(KasouError):
+    """A request to the host daemon cannot be met; each subclass maps to one API problem type
+    (``kasou.spec.ProblemType``)."""
+
+
+class NotFoundError(DaemonError):
+    """No VM, operation or backup goes by that name."""
+
+
+class ConflictError(DaemonError):
+    """The name is already taken."""
+
+
+class SpecError(DaemonError):
+    """A VM spec that kasou cannot run (a missing file, memory beyond the host)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class StateError(DaemonError):
+    """An action that does not fit the VM's current state."""
+
+    def __init__(self, name: str, state: str, action: str, wanted: str) -> None:
+        super().__init__(f"cannot {action} {name}: it is {state}, it must be {wanted}")
+        self.state = state
