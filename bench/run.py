@@ -33,7 +33,10 @@ Sections (issue: core VMM):
   Linux boots, as for boot;
 - isolation: the cost of seccomp and `--jail` on the exit round trip, random-read IOPS and
   start, and how closely `--cpus-quota` and a disk's `bw=`/`iops=` limits hold
-  (bench/isolation.py).
+  (bench/isolation.py);
+- daemon: kasoud's request to first KVM_RUN from its warm template beside a cold `kasou run`
+  and QEMU's exec, VMs started per second, PSS per VM with 1, 10 and 50 VMs, and API
+  latency at 200 requests/s (bench/daemon.py).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import daemon
 import isolation
 import kasou_peer
 import qemu_peer
@@ -182,6 +186,7 @@ def main() -> int:
             "distro",
             "snapshot",
             "isolation",
+            "daemon",
         ),
         action="append",
     )
@@ -198,7 +203,7 @@ def main() -> int:
 
     print(probe_host().backend.value)
     sections = args.only or [
-        "exits", "start", "memory", "virtio-blk", "snapshot", "isolation", "boot",
+        "exits", "start", "memory", "virtio-blk", "snapshot", "isolation", "daemon", "boot",
         "virtio-guest", "distro",
     ]  # fmt: skip
     if "exits" in sections:
@@ -213,6 +218,8 @@ def main() -> int:
         snapshot.bench_snapshot(elf, args.repeats, with_qemu)
     if "isolation" in sections:
         isolation.bench_isolation(elf, args.repeats, args.count // 2)
+    if "daemon" in sections:
+        daemon.bench_daemon(elf, args.repeats, with_qemu)
     if "boot" in sections:
         bench_boot(args.boot_runs)
     if "virtio-guest" in sections:

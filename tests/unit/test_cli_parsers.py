@@ -35,6 +35,17 @@ COMMANDS = {
     "cp",
     "limits",
     "rate-limit",
+    # kasoud's VMs (cli/vms.py)
+    "ps",
+    "create",
+    "start",
+    "restart",
+    "rm",
+    "logs",
+    "console",
+    "events",
+    "top",
+    "inspect",
 }
 # Every command a user can run, as words after "kasou" (groups name their subcommands).
 LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image", "disk", "snapshot"})] + [

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from kasou.cli import vms
 from kasou.cli.disk import disk_app
 from kasou.cli.options import RUN_EXAMPLE
 
@@ -17,7 +18,6 @@ app = typer.Typer(
     name="kasou",
     help="kasou (仮想): a virtual machine monitor in Python on Linux KVM.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
@@ -64,7 +64,14 @@ def run(
     vcpus: Annotated[int, typer.Option(help="Number of virtual CPUs.")] = 1,
     memory: Annotated[str, typer.Option(help="Guest RAM, like 512M or 2G.")] = "512M",
     console: Annotated[
-        str, typer.Option(help="Where COM1 goes: stdio, file:PATH or none.")
+        str,
+        typer.Option(
+            help=(
+                "Where COM1 goes: stdio, file:PATH, none, or sock:PATH[,log=FILE] (a Unix socket: "
+                "each client gets the output from when it connects and its bytes are the input; "
+                "log= keeps every byte in FILE)."
+            )
+        ),
     ] = "stdio",
     api_sock: Annotated[
         Path | None,
@@ -297,24 +304,50 @@ def _request(sock: Path, name: str, **arguments: object) -> None:
 SockOption = Annotated[
     Path, typer.Option("--sock", help="The VM's control socket (--api-sock of kasou run).")
 ]
+# Commands that drive either one `kasou run` (--sock) or kasoud's VMs (NAME...).
+EitherSockOption = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--sock", help="A `kasou run`'s control socket (its --api-sock), instead of NAME."
+    ),
+]
+NamesOption = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Argument(help="kasoud's VMs, instead of --sock.", show_default=False),
+]
 
 
-@app.command(epilog="Example: kasou status --sock /tmp/vm.sock")
-def status(sock: SockOption) -> None:
-    """Show a running VM's state."""
-    _request(sock, "status")
+@app.command(epilog="Examples: kasou status --sock /tmp/vm.sock; kasou status web")
+def status(
+    names: NamesOption = None, sock: EitherSockOption = None, host: vms.HostOption = None
+) -> None:
+    """Show a running VM's state (what its process reports)."""
+    if vms.require_one(sock, names, "status"):
+        _request(sock, "status")  # type: ignore[arg-type]
+    else:
+        vms.print_status(names or [], host)
 
 
-@app.command(epilog="Example: kasou pause --sock /tmp/vm.sock")
-def pause(sock: SockOption) -> None:
+@app.command(epilog="Examples: kasou pause --sock /tmp/vm.sock; kasou pause web")
+def pause(
+    names: NamesOption = None, sock: EitherSockOption = None, host: vms.HostOption = None
+) -> None:
     """Pause a running VM's vCPUs."""
-    _request(sock, "pause")
+    if vms.require_one(sock, names, "pause"):
+        _request(sock, "pause")  # type: ignore[arg-type]
+    else:
+        vms.act("pause", names or [], host)
 
 
-@app.command(epilog="Example: kasou resume --sock /tmp/vm.sock")
-def resume(sock: SockOption) -> None:
+@app.command(epilog="Examples: kasou resume --sock /tmp/vm.sock; kasou resume web")
+def resume(
+    names: NamesOption = None, sock: EitherSockOption = None, host: vms.HostOption = None
+) -> None:
     """Resume a paused VM."""
-    _request(sock, "resume")
+    if vms.require_one(sock, names, "resume"):
+        _request(sock, "resume")  # type: ignore[arg-type]
+    else:
+        vms.act("resume", names or [], host)
 
 
 @app.command(epilog="Example: kasou devices --sock /tmp/vm.sock")
@@ -393,18 +426,25 @@ def rate_limit(
     _request(sock, "rate-limit", device=device, **changes)
 
 
-@app.command(epilog="Example: kasou stop --sock /tmp/vm.sock")
-def stop(sock: SockOption) -> None:
-    """Stop a VM; `kasou run` then exits with status 0."""
-    _request(sock, "stop")
+@app.command(epilog="Examples: kasou stop --sock /tmp/vm.sock; kasou stop web db")
+def stop(
+    names: NamesOption = None, sock: EitherSockOption = None, host: vms.HostOption = None
+) -> None:
+    """Stop a VM at once; `kasou run` then exits with status 0."""
+    if vms.require_one(sock, names, "stop"):
+        _request(sock, "stop")  # type: ignore[arg-type]
+    else:
+        vms.act("stop", names or [], host)
 
 
-@app.command(epilog="Example: kasou shutdown --sock /tmp/vm.sock --timeout 30")
+@app.command(epilog="Examples: kasou shutdown --sock /tmp/vm.sock --timeout 30; kasou shutdown web")
 def shutdown(
-    sock: SockOption,
+    names: NamesOption = None,
+    sock: EitherSockOption = None,
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the guest to power off.")
     ] = 60.0,
+    host: vms.HostOption = None,
 ) -> None:
     """Press the VM's ACPI power button and wait for the guest to shut down and power off.
 
@@ -416,6 +456,10 @@ def shutdown(
 
     if not 0 < timeout <= 86400:
         _fail(ValueError("--timeout must be above 0 seconds, at most 86400"))
+    if not vms.require_one(sock, names, "shutdown"):
+        vms.shutdown_vms(names or [], timeout, host)
+        return
+    assert sock is not None
     try:
         with ControlClient(sock) as client:
             result = client.shutdown(wait=timeout)
@@ -438,12 +482,19 @@ def shutdown(
 
 @app.command(
     "exec",
-    epilog="Example: kasou exec --sock /tmp/vm.sock -- uname -a",
+    epilog="Examples: kasou exec --sock /tmp/vm.sock -- uname -a; kasou exec web -- uname -a",
     context_settings={"allow_interspersed_args": False},
 )
 def exec_(
-    sock: SockOption,
-    command: Annotated[list[str], typer.Argument(help="The command and its arguments.")],
+    command: Annotated[
+        list[str],
+        typer.Argument(
+            help="[NAME] -- the command and its arguments (NAME: a VM of kasoud, without --sock).",
+            metavar="[NAME] -- COMMAND...",
+        ),
+    ],
+    sock: EitherSockOption = None,
+    host: vms.HostOption = None,
     timeout: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="Seconds the command may run (default: no limit; 60 over COM2)."),
@@ -463,10 +514,13 @@ def exec_(
 
     With the VM's vsock device, output streams as it comes, stdin is forwarded unless it is
     a terminal (-i forwards it anyway), and Ctrl-C, SIGTERM and SIGHUP reach the command.
-    Without it, the command runs over COM2 and its output comes at the end."""
+    Without it, the command runs over COM2 and its output comes at the end. Through kasoud
+    (NAME), output comes at the end and stdin is sent only with -i."""
     from kasou.cli.guest import exec_command
     from kasou.errors import KasouError
 
+    if sock is None:
+        vms.exec_in(command, timeout=timeout, interactive=interactive, tty=tty, host=host)
     try:
         status = exec_command(sock, command, timeout=timeout, interactive=interactive, tty=tty)
     except KasouError as error:
@@ -675,6 +729,7 @@ def _follow_migration(client: Any, quiet: bool) -> dict[str, Any]:
 image_app = typer.Typer(help="Guest images: the default guest, Debian 12.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 app.add_typer(disk_app, name="disk")
+vms.register(app)
 
 
 @image_app.command(

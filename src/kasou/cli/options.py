@@ -44,7 +44,13 @@ RUN_OPTIONS = (
     RunOption("cmdline", "Kernel command line. Default: console=ttyS0 reboot=k panic=-1"),
     RunOption("vcpus", "Number of virtual CPUs.", 1, int),
     RunOption("memory", "Guest RAM, like 512M or 2G.", "512M"),
-    RunOption("console", "Where COM1 goes: stdio, file:PATH or none.", "stdio"),
+    RunOption(
+        "console",
+        "Where COM1 goes: stdio, file:PATH, none, or sock:PATH[,log=FILE] (a Unix socket: "
+        "each client gets the output from when it connects and its bytes are the input; "
+        "log= keeps every byte in FILE).",
+        "stdio",
+    ),
     RunOption("api-sock", "Serve the control socket (status, pause, resume, stop) here."),
     RunOption(
         "on-reboot",

@@ -137,14 +137,26 @@ def _lend(config: JailConfig, plan: JailPlan, folder: Path, marker: Path) -> Non
     for group in plan.delegated:  # removed by the supervisor's owner of the group
         for path in (group, *group.iterdir()):
             os.chown(path, config.uid, config.gid)
-    for index, path in enumerate(plan.sockets):
-        inside = folder / "sock" / str(index)
-        inside.mkdir(parents=True, mode=0o700)
-        os.chown(inside, config.uid, config.gid)
+    for path, inside in _socket_folders(plan, folder):
+        if not inside.exists():
+            inside.mkdir(parents=True, mode=0o700)
+            os.chown(inside, config.uid, config.gid)
         _free_socket_path(path)
         with marker.open("a") as file:
             file.write(f"link {os.fsencode(path).hex()}\n")
         os.symlink(inside / path.name, path)
+
+
+def _socket_folders(plan: JailPlan, folder: Path) -> list[tuple[Path, Path]]:
+    """Each socket with its folder in the jail folder (``sock/N``): one per host folder, so
+    sockets that share a folder on the host (a control socket and its console) share it in
+    the jail too, where one bind would otherwise hide the other."""
+    numbers: dict[Path, int] = {}
+    pairs: list[tuple[Path, Path]] = []
+    for path in plan.sockets:
+        number = numbers.setdefault(path.absolute().parent, len(numbers))
+        pairs.append((path, folder / "sock" / str(number)))
+    return pairs
 
 
 def _free_socket_path(path: Path) -> None:
@@ -291,8 +303,8 @@ def _build_root(config: JailConfig, plan: JailPlan, folder: Path, root: Path) ->
     binds += [(path.absolute(), path.absolute(), True) for path in plan.read_only]
     binds += [(path.absolute(), path.absolute(), False) for path in plan.writable]
     binds += [(path, path, False) for path in plan.delegated]
-    for index, path in enumerate(plan.sockets):
-        binds.append((folder / "sock" / str(index), path.absolute().parent, False))
+    shared = {inside: path.absolute().parent for path, inside in _socket_folders(plan, folder)}
+    binds += [(inside, host, False) for inside, host in shared.items()]
     # Parents before what lies in them; a path already visible through a read-only folder
     # bound before needs no bind of its own.
     for source, target, read_only in sorted(binds, key=lambda bind: len(bind[1].parts)):

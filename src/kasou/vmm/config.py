@@ -42,24 +42,54 @@ MIN_MEMORY = 16 << 20
 # (arch/x86_64/layout.py), so large guests are fine.
 MAX_VCPUS_MPTABLE = 254  # APIC ids are 8 bits in the MP table; 255 is broadcast
 
-ConsoleKind = Literal["stdio", "file", "none"]
+ConsoleKind = Literal["stdio", "file", "sock", "none"]
 OnReboot = Literal["exit", "restart"]
+# sun_path holds 108 bytes with its NUL, and listen_unix binds under ".NAME.PID" first.
+MAX_SOCKET_PATH = 100
 
 
 class ConsoleConfig(NamedTuple):
-    """Where COM1 goes: the terminal, a file, or nowhere."""
+    """Where COM1 goes: the terminal, a file, a Unix socket (``path``; every connected client
+    gets the output, and what clients send is the input), or nowhere. ``log``: a file that
+    gets every byte of output besides the socket (``sock`` only)."""
 
     kind: ConsoleKind = "stdio"
     path: Path | None = None
+    log: Path | None = None
 
 
 def parse_console(text: str) -> ConsoleConfig:
-    """Parse ``stdio``, ``none`` or ``file:PATH``."""
+    """Parse ``stdio``, ``none``, ``file:PATH`` or ``sock:PATH[,log=FILE]``. A socket's folder
+    must exist and its path fit a Unix socket address; whether something else is at the path
+    is checked when kasou listens there (``event/unix.py``)."""
     if text in ("stdio", "none"):
         return ConsoleConfig(text)  # type: ignore[arg-type]
     if text.startswith("file:") and len(text) > len("file:"):
         return ConsoleConfig("file", Path(text[len("file:") :]))
-    raise ConfigError("console", f"{text!r} is not a console: use stdio, none or file:PATH")
+    if text.startswith("sock:"):
+        return _parse_console_socket(text, text[len("sock:") :])
+    raise ConfigError(
+        "console",
+        f"{text!r} is not a console: use stdio, none or file:PATH, or sock:PATH[,log=FILE]",
+    )
+
+
+def _parse_console_socket(text: str, rest: str) -> ConsoleConfig:
+    words, pairs = _options("console", rest, ("log",))
+    if len(words) != 1 or not words[0]:
+        raise ConfigError("console", f"{text!r}: give sock:PATH[,log=FILE], like sock:/tmp/c.sock")
+    path = Path(words[0])
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            "console", f"{path}: too long for a Unix socket ({MAX_SOCKET_PATH} bytes at most)"
+        )
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError("console", f"{path}: the folder {folder} does not exist")
+    log = pairs.get("log")
+    if log is not None and not log:
+        raise ConfigError("console", f"{text!r}: log= needs a file name")
+    return ConsoleConfig("sock", path, Path(log) if log else None)
 
 
 class DiskConfig(NamedTuple):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kasou.errors import ConfigError
 from kasou.vmm.config import VmConfig
 
 if TYPE_CHECKING:
@@ -49,9 +50,21 @@ def jail_plan(config: VmConfig) -> JailPlan:
         chain, size = _backing_chain(disk.path, disk.format)
         read_only += chain
         largest = max(largest, size, disk.path.stat().st_size)
-    if config.console.kind == "file" and config.console.path is not None:
-        writable.append(config.console.path)
+    console = config.console
+    if console.kind == "file" and console.path is not None:
+        writable.append(console.path)
+    if console.kind == "sock" and console.log is not None:
+        if not console.log.exists():  # made here, so it is private (the lending makes 0644)
+            try:
+                os.close(os.open(console.log, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            except OSError as error:
+                raise ConfigError(
+                    "console", f"cannot open the log {console.log}: {error.strerror}"
+                ) from None
+        writable.append(console.log)
     sockets = [config.api_sock] if config.api_sock is not None else []
+    if console.kind == "sock" and console.path is not None:
+        sockets.append(console.path)
     if config.vsock is not None:
         sockets.append(config.vsock.uds)
     if config.virtio_console is not None and config.virtio_console.socket is not None:

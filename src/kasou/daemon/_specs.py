@@ -1,0 +1,124 @@
+"""What the daemon checks in a VM spec beyond its shape, and the ``kasou run`` argv it becomes.
+
+pydantic (``kasou.spec``) has already checked shapes and ranges. Here: the files a spec names
+exist and are readable, its memory fits the host, its disks and nets parse with the very
+parsers ``kasou run`` uses (``kasou.vmm.config``), and its limits are well formed. Each
+failure is a ``SpecError`` naming the field as the user wrote it (``disks[1]``).
+
+Whether the name is taken is the daemon's business (it holds the table), not this module's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kasou.errors import ConfigError, SpecError
+from kasou.memory.size import host_memory_bytes, parse_size
+from kasou.spec import VmSpec
+from kasou.vmm.config import parse_disk, parse_net
+
+__all__ = ["check_spec", "console_option", "memory_bytes", "run_argv"]
+
+
+def memory_bytes(text: str) -> int:
+    try:
+        return parse_size(text)
+    except (ConfigError, ValueError) as error:
+        raise SpecError("memory", f"{text!r} is not a size: give one like 512M or 2G") from error
+
+
+def _readable_file(field: str, text: str) -> None:
+    path = Path(text)
+    if not path.is_absolute():
+        raise SpecError(field, f"{text!r} is relative: the daemon needs an absolute path")
+    if not path.is_file():
+        raise SpecError(field, f"{text}: no such file: give the path of an existing file")
+    if not os.access(path, os.R_OK):
+        raise SpecError(field, f"{text}: not readable by the daemon: fix its permissions")
+
+
+def check_spec(spec: VmSpec, host_memory: int | None = None) -> None:
+    """Raise ``SpecError`` unless ``spec`` is one ``kasou run`` can start on this host."""
+    for field in ("kernel", "initrd", "image"):
+        value = getattr(spec, field)
+        if value is not None:
+            _readable_file(field, value)
+    if spec.initrd is not None and spec.kernel is None:
+        raise SpecError("initrd", "an initrd needs a kernel: give kernel too")
+    if spec.image is not None and spec.kernel is not None:
+        raise SpecError("image", "give a kernel or an image, not both")
+    size = memory_bytes(spec.memory)
+    if size < 1 << 20:
+        raise SpecError("memory", f"{spec.memory} is under 1 MiB: give at least 1M")
+    available = host_memory if host_memory is not None else host_memory_bytes()
+    if size > available:
+        raise SpecError(
+            "memory",
+            f"{spec.memory} is more than the host's {available >> 20} MiB: give less",
+        )
+    for index, text in enumerate(spec.disks):
+        field = f"disks[{index}]"
+        try:
+            disk = parse_disk(text)
+        except ConfigError as error:
+            raise SpecError(field, str(error)) from error
+        _readable_file(field, str(disk.path))
+    for index, text in enumerate(spec.nets):
+        try:
+            parse_net(text)
+        except ConfigError as error:
+            raise SpecError(f"nets[{index}]", str(error)) from error
+    if spec.limits is not None and spec.limits.memory_limit is not None:
+        try:
+            parse_size(spec.limits.memory_limit)
+        except (ConfigError, ValueError) as error:
+            raise SpecError(
+                "limits.memory_limit", f"{spec.limits.memory_limit!r}: {error}"
+            ) from error
+    if spec.limits is not None and spec.limits.cpu_pin is not None:
+        for vcpu in spec.limits.cpu_pin:
+            if not 0 <= vcpu < spec.vcpus:
+                raise SpecError(
+                    "limits.cpu_pin", f"vCPU {vcpu} does not exist: 0 to {spec.vcpus - 1}"
+                )
+
+
+def console_option(console_sock: Path, console_log: Path) -> str:
+    """``--console`` for a daemon-run VM: live on its socket (any number of clients), and
+    everything appended to its log."""
+    return f"sock:{console_sock},log={console_log}"
+
+
+def run_argv(spec: VmSpec, api_sock: Path, console: str) -> list[str]:
+    """The ``kasou run`` arguments (without ``run``) that start ``spec``."""
+    argv = ["--memory", spec.memory, "--vcpus", str(spec.vcpus)]
+    for field in ("kernel", "initrd", "image", "cmdline"):
+        value = getattr(spec, field)
+        if value is not None:
+            argv += [f"--{field}", value]
+    for disk in spec.disks:
+        argv += ["--disk", disk]
+    for net in spec.nets:
+        argv += ["--net", net]
+    if spec.rng:
+        argv.append("--rng")
+    if spec.balloon:
+        argv.append("--balloon")
+    if not spec.acpi:
+        argv.append("--no-acpi")
+    limits = spec.limits
+    if limits is not None:
+        if limits.cpus_quota is not None:
+            argv += ["--cpus-quota", f"{limits.cpus_quota:g}"]
+        if limits.cpu_weight is not None:
+            argv += ["--cpu-weight", str(limits.cpu_weight)]
+        if limits.cpu_pin:
+            pins = ",".join(f"{vcpu}={cpu}" for vcpu, cpu in sorted(limits.cpu_pin.items()))
+            argv += ["--cpu-pin", pins]
+        if limits.memory_limit is not None:
+            argv += ["--memory-limit", limits.memory_limit]
+        if limits.pids_limit is not None:
+            argv += ["--pids-limit", str(limits.pids_limit)]
+    argv += ["--api-sock", str(api_sock), "--console", console]
+    return argv

@@ -1,0 +1,130 @@
+"""The daemon's side of the warm template (``kasou.cli.template``): start it, ask it to fork
+VMs, stop it.
+
+The template is a subprocess (``sys.executable -m kasou.cli.template``), so the daemon never
+imports the CLI; the two talk over a ``SOCK_SEQPACKET`` socket pair, one JSON packet per
+request and per answer. Requests are serialised by a lock: a fork takes a few milliseconds.
+A template that died is started again at the next request.
+
+What a VM does once forked, and how its end is seen, are ``kasou.cli.template``'s and
+``_process``'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from kasou.errors import HostError
+
+__all__ = ["Template"]
+
+_READY_TIMEOUT = 60.0  # the template's imports; generous for a loaded host
+_SPAWN_TIMEOUT = 30.0
+
+
+class Template:
+    """One warm template process; ``spawn`` returns the pid of a new VM process."""
+
+    def __init__(self, log_path: Path) -> None:
+        self._log_path = log_path
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: socket.socket | None = None
+        self._ready = False
+
+    def start(self) -> None:
+        """Start the template without waiting for its imports (``spawn`` waits)."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.set_inheritable(False)
+        env = dict(os.environ)
+        source = str(Path(__file__).resolve().parents[2])  # the folder holding kasou/
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+        with open(self._log_path, "ab") as log:
+            try:
+                self._process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "kasou.cli.template",
+                        str(theirs.fileno()),
+                        str(os.getpid()),
+                    ],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                )
+            except OSError as error:
+                ours.close()
+                raise HostError(f"cannot start the VM template: {error}") from error
+            finally:
+                theirs.close()
+        self._channel = ours
+        self._ready = False
+
+    def _receive(self, timeout: float) -> dict[str, object]:
+        assert self._channel is not None
+        self._channel.settimeout(timeout)
+        try:
+            packet = self._channel.recv(1 << 16)
+        except OSError as error:
+            raise HostError(f"the VM template did not answer: {error}") from error
+        if not packet:
+            raise HostError(f"the VM template ended: see {self._log_path}")
+        answer: dict[str, object] = json.loads(packet)
+        return answer
+
+    def _stop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._process is not None:
+            try:
+                self._process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+    def spawn(self, argv: list[str], directory: Path) -> int:
+        """Fork ``kasou run ARGV`` in ``directory``; return its pid."""
+        with self._lock:
+            for attempt in range(2):
+                if self._process is None or self._process.poll() is not None:
+                    self._stop()
+                    self._start()
+                try:
+                    if not self._ready:
+                        self._receive(_READY_TIMEOUT)
+                        self._ready = True
+                    assert self._channel is not None
+                    self._channel.send(json.dumps({"argv": argv, "dir": str(directory)}).encode())
+                    answer = self._receive(_SPAWN_TIMEOUT)
+                    break
+                except (HostError, OSError):
+                    self._stop()  # a dead or stuck template: one more try with a new one
+                    if attempt:
+                        raise
+        pid = answer.get("pid")
+        if not isinstance(pid, int):
+            raise HostError(f"the VM template could not start the VM: {answer.get('error')}")
+        return pid
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
