@@ -105,6 +105,11 @@ class VmSpec(_Strict):
     limits: Limits | None = None
     restart: RestartPolicy = RestartPolicy.NEVER
     labels: Annotated[dict[str, str], Field(max_length=64)] = {}
+    # A VM brought back from a snapshot folder (``kasou run --restore``) instead of booted:
+    # its boot settings come from the snapshot; ``clone`` makes it one of many copies (its own
+    # overlay disks, MAC and vsock, ``kasou run --clone``).
+    restore: str | None = None
+    clone: bool = False
 
 
 class VmUpdate(_Strict):
