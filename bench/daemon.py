@@ -126,7 +126,8 @@ def qemu_start(elf: Path, folder: Path) -> float:
     command = qemu_peer.qemu_command(elf, "kasou.test=wait", kvm=True, memory_mib=64)
     start = time.time()
     process = subprocess.Popen(
-        [*command, "-trace", f"enable=kvm_vcpu_ioctl,file={trace}"],
+        # The trace lines carry "PID@SECONDS.MICROS:" only with -msg timestamp=on.
+        [*command, "-msg", "timestamp=on", "-trace", f"enable=kvm_vcpu_ioctl,file={trace}"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -36,7 +36,10 @@ Sections (issue: core VMM):
   (bench/isolation.py);
 - daemon: kasoud's request to first KVM_RUN from its warm template beside a cold `kasou run`
   and QEMU's exec, VMs started per second, PSS per VM with 1, 10 and 50 VMs, and API
-  latency at 200 requests/s (bench/daemon.py).
+  latency at 200 requests/s (bench/daemon.py);
+- sandbox: a `kasou.Sandbox` cloned from a template through kasoud, request to first exec
+  answered, beside a cold `kasou run` of the default guest to its first exec
+  (bench/sandbox.py), where Linux boots, as for boot.
 """
 
 from __future__ import annotations
@@ -187,6 +190,7 @@ def main() -> int:
             "snapshot",
             "isolation",
             "daemon",
+            "sandbox",
         ),
         action="append",
     )
@@ -204,7 +208,7 @@ def main() -> int:
     print(probe_host().backend.value)
     sections = args.only or [
         "exits", "start", "memory", "virtio-blk", "snapshot", "isolation", "daemon", "boot",
-        "virtio-guest", "distro",
+        "virtio-guest", "distro", "sandbox",
     ]  # fmt: skip
     if "exits" in sections:
         bench_exits(elf, args.count, args.repeats, with_qemu)
@@ -226,12 +230,19 @@ def main() -> int:
         bench_virtio_guest(args.virtio_repeats)
     if "distro" in sections:
         bench_distro(args.distro_runs)
+    if "sandbox" in sections:
+        bench_sandbox(args.boot_runs // 2 or 1)
     return 0
 
 
 def bench_boot(runs: int) -> None:
     """bench/boot.py, where Linux boots: here, or inside the nested host."""
     _where_linux_boots("boot", "boot.py", ["--runs", str(runs)])
+
+
+def bench_sandbox(runs: int) -> None:
+    """bench/sandbox.py, where Linux boots: here, or inside the nested host."""
+    _where_linux_boots("sandbox", "sandbox.py", ["--runs", str(runs)])
 
 
 def bench_virtio_guest(repeats: int) -> None:

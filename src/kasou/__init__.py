@@ -2,9 +2,9 @@
 
 The package's public surface is small on purpose: the error hierarchy here, the
 `kasou.vmm` entry points (`VmConfig`, `build_vm`), and kasoud's SDK (`kasou.Client`,
-`kasou.AsyncClient`), imported on first use so that `import kasou` (and `kasou run`) does not
-pay for httpx and pydantic. Everything else is an implementation layer; see shared/DESIGN.md
-for the map.
+`kasou.AsyncClient`, `kasou.Sandbox`), imported on first use so that `import kasou` (and
+`kasou run`) does not pay for httpx and pydantic. Everything else is an implementation
+layer; see shared/DESIGN.md for the map.
 """
 
 import importlib
@@ -22,10 +22,11 @@ from kasou.errors import (
 )
 
 if TYPE_CHECKING:
-    from kasou.sdk import AsyncClient, Client
+    from kasou.sdk import AsyncClient, AsyncSandbox, Client, Sandbox
 
 __all__ = [
     "AsyncClient",
+    "AsyncSandbox",
     "Client",
     "ConfigError",
     "GuestError",
@@ -33,13 +34,19 @@ __all__ = [
     "KasouError",
     "LifecycleError",
     "MigrationError",
+    "Sandbox",
     "SnapshotError",
 ]
 __version__ = "0.1.0"
 
 logging.getLogger("kasou").addHandler(logging.NullHandler())
 
-_LAZY = {"AsyncClient": "kasou.sdk", "Client": "kasou.sdk"}
+_LAZY = {
+    "AsyncClient": "kasou.sdk",
+    "AsyncSandbox": "kasou.sdk",
+    "Client": "kasou.sdk",
+    "Sandbox": "kasou.sdk",
+}
 
 
 def __getattr__(name: str) -> object:

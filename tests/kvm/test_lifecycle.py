@@ -21,7 +21,10 @@ def test_pause_freezes_the_guest_and_resume_continues_it(boot: BootFactory) -> N
     vm.pause()
     assert vm.vm.state is VmState.PAUSED
     frozen = read()
-    assert vm.status()["exits"] > 0  # the lines it printed were PIO exits
+    status = vm.status()
+    assert status["exits"] > 0  # the lines it printed were PIO exits
+    assert status["exits_by_reason"]["io"] > 0
+    assert sum(status["exits_by_reason"].values()) == status["exits"]
     assert read() == frozen, "the counter moved while the VM was paused"
     # A paused vCPU still serves calls on its thread: its RIP is in the guest's code.
     rip = vm.vm.vcpus[0].call(lambda fd: fd.get_regs().rip).wait(5)

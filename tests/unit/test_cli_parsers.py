@@ -46,16 +46,26 @@ COMMANDS = {
     "events",
     "top",
     "inspect",
+    # backups and restores on kasoud (cli/backups.py)
+    "backup",
+    "restore",
+    # sandboxes from a template snapshot (cli/sandbox.py)
+    "sandbox",
 }
 # Every command a user can run, as words after "kasou" (groups name their subcommands).
-LEAF_COMMANDS = [[name] for name in sorted(COMMANDS - {"image", "disk", "snapshot"})] + [
-    ["snapshot", "create"],
-    ["snapshot", "merge"],
-    ["snapshot", "info"],
-    ["image", "build"],
-    ["disk", "create"],
-    ["disk", "info"],
-]
+LEAF_COMMANDS = (
+    [[name] for name in sorted(COMMANDS - {"image", "disk", "snapshot", "backup", "sandbox"})]
+    + [["backup", verb] for verb in ("create", "ls", "rm", "restore", "verify", "policy")]
+    + [["sandbox", verb] for verb in ("template", "run")]
+    + [
+        ["snapshot", "create"],
+        ["snapshot", "merge"],
+        ["snapshot", "info"],
+        ["image", "build"],
+        ["disk", "create"],
+        ["disk", "info"],
+    ]
+)
 
 
 def _typer_run_options() -> dict[str, Any]:

@@ -5,6 +5,7 @@ are installed in child processes only, so this test process stays unfiltered."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import textwrap
@@ -72,6 +73,20 @@ def _child(body: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _ended(pid: int, timeout: float = 10.0) -> None:
+    """Block until ``pid`` is no longer a live process (its pidfd turns readable when it
+    exits); fail if it still runs after ``timeout``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    assert not _running(pid), f"process {pid} still runs"
+
+
 def test_a_call_outside_the_list_is_reported_and_kills_the_process() -> None:
     # getppid does not release the GIL: only a reporter outside the process can act.
     ran = _child("""
@@ -92,8 +107,9 @@ def test_a_call_outside_the_list_is_reported_and_kills_the_process() -> None:
     assert lines[1:] == ["allowed"], ran.stdout
     assert ran.stderr.endswith("made a forbidden system call: getppid (110); stopping\n")
     assert ran.stderr.startswith("kasou: seccomp: thread kasou-seccomp "), ran.stderr
-    # The reporter held the stderr pipe: it had ended when run() saw the pipe close.
-    assert not _running(int(lines[0]))
+    # The reporter held the stderr pipe, so it was ending when run() saw the pipe close;
+    # a process closes its files before it is a zombie, so give it that moment.
+    _ended(int(lines[0]))
 
 
 def test_the_reporter_ends_with_the_process_and_is_reaped() -> None:

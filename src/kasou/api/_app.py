@@ -24,7 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from kasou.api import _files
+from kasou.api import _exec, _files
+from kasou.api._backups import backup_routes
 from kasou.api._console import bridge_console
 from kasou.api._events import event_stream
 from kasou.api._metrics import CONTENT_TYPE, new_latency_histogram, render
@@ -51,6 +52,7 @@ __all__ = ["create_app"]
 
 WEB_DIR = Path(__file__).parent / "web"
 _LOG_TAIL_MAX = 16 << 20
+_SHUTDOWN_TIMEOUT_MAX = 3600.0  # an hour: a guest that takes longer is stuck
 
 
 class Action(enum.StrEnum):
@@ -187,9 +189,28 @@ def _vm_routes(router: APIRouter, daemon: Daemon, operations: Operations) -> Non
         data = _read_tail(daemon.paths(name).console_log, tail)
         return Response(data, media_type="text/plain; charset=utf-8")
 
-    @router.post("/v1/vms/{name}/exec", response_model=ExecResult, tags=["guest"])
-    def exec_in_guest(name: Name, request: ExecRequest) -> ExecResult:
-        return daemon.exec(name, request)
+    @router.post(
+        "/v1/vms/{name}/exec",
+        response_model=ExecResult,
+        responses={
+            200: {
+                "content": {_exec.MEDIA_TYPE: {}},
+                "description": "with stream=true: one JSON object a line (api/_exec.py)",
+            }
+        },
+        tags=["guest"],
+    )
+    def exec_in_guest(
+        name: Name,
+        request: ExecRequest,
+        stream: Annotated[bool, Query(description="output as it comes, as NDJSON")] = False,
+    ) -> ExecResult | StreamingResponse:
+        if not stream:
+            return daemon.exec(name, request)
+        run = _exec.ExecStream(_running_api_sock(daemon, name, "exec"), request)
+        return StreamingResponse(
+            run.lines(), media_type=_exec.MEDIA_TYPE, headers={"cache-control": "no-store"}
+        )
 
     @router.get(
         "/v1/vms/{name}/files",
@@ -264,10 +285,24 @@ def _vm_routes(router: APIRouter, daemon: Daemon, operations: Operations) -> Non
         return operations.get(id)
 
     @router.post("/v1/vms/{name}/{action}", response_model=VmInfo, tags=["vms"])
-    def act(name: Name, action: Action) -> VmInfo:
+    def act(
+        name: Name,
+        action: Action,
+        timeout: Annotated[
+            float | None,
+            Query(
+                ge=0,
+                le=_SHUTDOWN_TIMEOUT_MAX,
+                description="shutdown only: seconds the guest gets to power off before it "
+                "is stopped (default 30)",
+            ),
+        ] = None,
+    ) -> VmInfo:
         # Declared after the fixed paths (exec, snapshots): Starlette tries routes in order.
         # created|stopped|failed --start--> running, running --pause--> paused, ... : the
         # table and its errors are the daemon's.
+        if action is Action.SHUTDOWN and timeout is not None:
+            return daemon.shutdown(name, timeout=timeout)
         method = getattr(daemon, action.value)
         result: VmInfo = method(name)
         return result
@@ -357,7 +392,9 @@ def create_app(daemon: Daemon, token: str | None = None) -> FastAPI:
     )
     install_handlers(app)
     router = APIRouter()
-    _vm_routes(router, daemon, Operations())
+    operations = Operations()
+    backup_routes(router, daemon, operations)  # before /v1/vms/{name}/{action}
+    _vm_routes(router, daemon, operations)
     _host_routes(router, daemon, app)
     app.include_router(router)
     _web_routes(app)

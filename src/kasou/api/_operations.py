@@ -51,6 +51,30 @@ class Operations:
         ).start()
         return operation.model_copy()
 
+    def start_tracked(
+        self, kind: str, vm: str, work: Callable[[Callable[[float], None]], dict[str, Any]]
+    ) -> Operation:
+        """``start`` for work that reports how far it got: ``work(report)`` calls
+        ``report(share)`` (0 to 1) as it goes."""
+        reported: list[str] = []
+        ready = threading.Event()
+
+        def report(share: float) -> None:
+            ready.wait()
+            self._progress(reported[0], share)
+
+        operation = self.start(kind, vm, lambda: work(report))
+        reported.append(operation.id)
+        ready.set()
+        return operation
+
+    def _progress(self, id: str, share: float) -> None:
+        with self._lock:
+            current = self._table.get(id)
+            if current is not None and current.state is OperationState.RUNNING:
+                share = min(1.0, max(0.0, share))
+                self._table[id] = current.model_copy(update={"progress": share})
+
     def _run(self, id: str, work: Callable[[], dict[str, Any]]) -> None:
         changes: dict[str, Any]
         try:

@@ -8,9 +8,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kasou.cli import vms
+from kasou.cli import backups, vms
 from kasou.cli.disk import disk_app
 from kasou.cli.options import RUN_EXAMPLE
+from kasou.cli.sandbox import sandbox_app
 
 __all__ = ["app"]
 
@@ -530,24 +531,45 @@ def exec_(
 
 @app.command(
     "cp",
-    epilog="Example: kasou cp --sock /tmp/vm.sock ./dir :/root/",
+    epilog="Examples: kasou cp --sock /tmp/vm.sock ./dir :/root/ ; "
+    "kasou cp web:/etc/hostname ./ ; kasou cp ./app.conf web:/etc/",
 )
 def cp(
-    sock: SockOption,
     paths: Annotated[
         list[str],
-        typer.Argument(help="SRC... DEST, guest paths written :PATH.", metavar="SRC... DEST"),
+        typer.Argument(
+            help="SRC... DEST: guest paths written :PATH with --sock, NAME:PATH for kasoud's VMs.",
+            metavar="SRC... DEST",
+        ),
     ],
+    sock: EitherSockOption = None,
+    host: vms.HostOption = None,
 ) -> None:
     """Copy files or directory trees into the guest or out of it (needs the VM's vsock).
 
-    Guest paths are written :PATH (kasou cp --sock S :/etc/hostname ./). An existing
-    directory receives the sources under their own names; otherwise the one source gets
-    that name. Directories go recursively, symbolic links as links. Copies to the host
-    refuse anything that would land outside DEST, keep files' permission bits but not
-    setuid/setgid or group/other write, and give directories default modes."""
-    from kasou.cli.guest import cp_command
+    With --sock (one `kasou run`), guest paths are written :PATH (kasou cp --sock S
+    :/etc/hostname ./). An existing directory receives the sources under their own names;
+    otherwise the one source gets that name. Directories go recursively, symbolic links as
+    links. Copies to the host refuse anything that would land outside DEST, keep files'
+    permission bits but not setuid/setgid or group/other write, and give directories
+    default modes.
+
+    Without --sock, one file goes through kasoud: kasou cp NAME:PATH LOCAL or kasou cp
+    LOCAL NAME:PATH (a local folder, or a guest path ending in /, keeps the file's name)."""
     from kasou.errors import KasouError
+
+    if sock is None:
+        from kasou.cli.cp_daemon import copy
+
+        if len(paths) != 2:
+            _fail(ValueError("through kasoud, give one SRC and one DEST (NAME:PATH on one side)"))
+        try:
+            typer.echo(copy(paths[0], paths[1], host))
+        except KasouError as error:
+            _fail(error)
+        return
+
+    from kasou.cli.guest import cp_command
 
     try:
         status = cp_command(sock, paths)
@@ -563,13 +585,20 @@ app.add_typer(snapshot_app, name="snapshot")
 
 
 @snapshot_app.command(
-    "create", epilog="Example: kasou snapshot create --sock /tmp/vm.sock /var/tmp/snap1"
+    "create",
+    epilog="Examples: kasou snapshot create --sock /tmp/vm.sock /var/tmp/snap1; "
+    "kasou snapshot create web /var/tmp/snap1",
 )
 def snapshot_create(
-    sock: SockOption,
-    path: Annotated[
-        Path, typer.Argument(help="The folder to write (an old snapshot there is replaced).")
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="PATH, the folder to write (an old snapshot there is replaced); NAME PATH "
+            "for a VM of kasoud.",
+            metavar="[NAME] PATH",
+        ),
     ],
+    sock: EitherSockOption = None,
     diff: Annotated[
         bool,
         typer.Option(
@@ -580,11 +609,23 @@ def snapshot_create(
     ] = False,
     stop: Annotated[bool, typer.Option("--stop", help="Stop the VM once it is saved.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    host: vms.HostOption = None,
 ) -> None:
     """Pause the VM, write its state and memory to a folder, and resume it (or stop it).
 
-    Restore it with `kasou run --restore PATH`. Writing is atomic: if it fails the VM runs
-    on and any snapshot already at PATH is intact."""
+    Restore it with `kasou run --restore PATH` (or `kasou restore PATH --name NEW` on
+    kasoud). Writing is atomic: if it fails the VM runs on and any snapshot already at PATH
+    is intact."""
+    if sock is None:
+        if len(targets) != 2 or diff or stop:
+            _fail(ValueError("through kasoud give NAME PATH (no --diff, --stop); else --sock S"))
+        from kasou.cli.backups import snapshot_vm
+
+        snapshot_vm(targets[0], Path(targets[1]), json_output, host)
+        return
+    if len(targets) != 1:
+        _fail(ValueError("with --sock give one PATH"))
+    path = Path(targets[0])
     from kasou.client import ControlClient
     from kasou.errors import KasouError
 
@@ -640,13 +681,21 @@ def snapshot_info(
     typer.echo(json.dumps(result, indent=2))
 
 
-@app.command(epilog="Example: kasou migrate --sock /tmp/vm.sock tcp://127.0.0.1:4444")
+@app.command(
+    epilog="Examples: kasou migrate --sock /tmp/vm.sock tcp://127.0.0.1:4444; "
+    "kasou migrate web unix:/run/in.sock"
+)
 def migrate(
-    sock: SockOption,
-    url: Annotated[
-        str | None,
-        typer.Argument(help="Where `kasou run --incoming` listens: tcp://HOST:PORT or unix:PATH."),
+    targets: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(
+            help="URL, where `kasou run --incoming` listens: tcp://HOST:PORT or unix:PATH; "
+            "NAME URL for a VM of kasoud.",
+            metavar="[NAME] URL",
+            show_default=False,
+        ),
     ] = None,
+    sock: EitherSockOption = None,
     downtime: Annotated[
         float, typer.Option(help="The longest pause of the guest to aim for, in seconds.")
     ] = 0.3,
@@ -654,6 +703,7 @@ def migrate(
         bool, typer.Option("--cancel", help="Cancel the migration under way.")
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    host: vms.HostOption = None,
 ) -> None:
     """Send a running VM to another kasou while it runs (live migration).
 
@@ -662,6 +712,17 @@ def migrate(
     at the destination. A guest that dirties memory faster than the link carries is slowed
     down (auto-converge). Ctrl-C cancels: the VM runs on here. Exits 0 once the VM runs at
     the destination."""
+    given = targets or []
+    if sock is None:
+        if len(given) != 2 or cancel:
+            _fail(ValueError("through kasoud give NAME URL; else --sock S URL"))
+        from kasou.cli.backups import migrate_vm
+
+        migrate_vm(given[0], given[1], downtime, json_output, host)
+        return
+    if len(given) > 1:
+        _fail(ValueError("with --sock give one URL"))
+    url = given[0] if given else None
     from kasou.client import ControlClient
     from kasou.errors import KasouError
 
@@ -729,7 +790,9 @@ def _follow_migration(client: Any, quiet: bool) -> dict[str, Any]:
 image_app = typer.Typer(help="Guest images: the default guest, Debian 12.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 app.add_typer(disk_app, name="disk")
+app.add_typer(sandbox_app, name="sandbox")
 vms.register(app)
+backups.register(app)
 
 
 @image_app.command(

@@ -12,6 +12,10 @@ process) and the next kasoud re-attaches to them, so kasoud can be restarted or 
 under running VMs. With ``--shutdown-vms``, SIGTERM first shuts every VM down within
 ``--shutdown-deadline`` seconds (host shutdown).
 
+Slow or stalled clients: a request whose head, or a body gone silent, has not arrived
+within ``--read-timeout`` seconds is cut off (``_kasoud_http``), an idle keep-alive
+connection after 5 s, a request head over 16 KiB is refused; none holds a worker thread.
+
 Heavy imports (FastAPI, uvicorn, the daemon) happen after the arguments are parsed, so
 ``kasoud --help`` answers at once. This module owns the process (sockets, signals, logging),
 not the routes (``kasou.api``) or the VMs (``kasou.daemon``).
@@ -29,6 +33,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,6 +50,9 @@ DEFAULT_SOCKET = Path("/run/kasou/kasoud.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/kasou")
 _SOCKET_MODE = 0o660
 _GRACE = 3  # seconds open requests (event streams, consoles) get once serving stops
+_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+_MAX_HEAD = 16 << 10  # bytes of a request's head (request line and headers)
+_BACKLOG = 1024  # connections waiting to be accepted (capped by net.core.somaxconn)
 
 log = logging.getLogger("kasou.kasoud")
 
@@ -84,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds --shutdown-vms gives the VMs before stopping them (default %(default)s)",
     )
     parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request head (or a stalled body) has not arrived "
+        "within this (default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -119,6 +135,8 @@ def _read_token(path: Path) -> str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if not 0 < args.read_timeout <= 3600:
+        raise ConfigError("--read-timeout", "give seconds between 0 and 3600, e.g. 10")
     if args.tcp is None:
         for flag, value in (
             ("--token-file", args.token_file),
@@ -165,7 +183,7 @@ def bind_unix(path: Path) -> socket.socket:
         finally:
             os.umask(old)
         os.chmod(path, _SOCKET_MODE)
-        sock.listen(128)
+        sock.listen(_BACKLOG)
     except OSError as error:
         sock.close()
         raise HostError(f"cannot listen on {path}: {error.strerror}") from error
@@ -187,6 +205,7 @@ def _servers(daemon: Daemon, args: argparse.Namespace) -> list[uvicorn.Server]:
     import uvicorn
 
     from kasou.api import create_app
+    from kasou.cli._kasoud_http import with_read_timeout
 
     class Server(uvicorn.Server):
         # kasoud handles SIGTERM/SIGINT itself, once for both listeners; uvicorn's own
@@ -201,6 +220,13 @@ def _servers(daemon: Daemon, args: argparse.Namespace) -> list[uvicorn.Server]:
         "timeout_graceful_shutdown": _GRACE,
         "lifespan": "off",
         "ws_max_size": 1 << 20,
+        # Slow or stalled clients: a connection idle between requests closes after
+        # timeout_keep_alive; one stalled inside a request after --read-timeout (uvicorn
+        # has no such timeout: _kasoud_http adds it); a request head over 16 KiB is 400.
+        "http": with_read_timeout(args.read_timeout),
+        "timeout_keep_alive": _KEEP_ALIVE,
+        "h11_max_incomplete_event_size": _MAX_HEAD,
+        "backlog": _BACKLOG,
     }
     servers: list[uvicorn.Server] = [Server(uvicorn.Config(create_app(daemon), **common))]
     if args.tcp is not None:
@@ -213,13 +239,14 @@ def _servers(daemon: Daemon, args: argparse.Namespace) -> list[uvicorn.Server]:
     return servers
 
 
-async def _serve(servers: list[uvicorn.Server], unix: socket.socket) -> int:
-    """Serve until SIGTERM or SIGINT; return that signal's number."""
+async def _serve(servers: list[uvicorn.Server], unix: socket.socket) -> tuple[int, float]:
+    """Serve until SIGTERM or SIGINT; return that signal's number and when it came
+    (``time.monotonic()``)."""
     loop = asyncio.get_running_loop()
-    received: list[int] = []
+    received: list[tuple[int, float]] = []
 
     def stop(number: int) -> None:
-        received.append(number)
+        received.append((number, time.monotonic()))
         for server in servers:
             if server.should_exit:
                 server.force_exit = True  # a second signal: do not wait for open requests
@@ -234,7 +261,7 @@ async def _serve(servers: list[uvicorn.Server], unix: socket.socket) -> int:
     finally:
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(number)
-    return received[0] if received else 0
+    return received[0] if received else (0, time.monotonic())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -254,10 +281,12 @@ def _run(args: argparse.Namespace) -> int:
     try:
         servers = _servers(daemon, args)
         log.info("kasoud serving on %s%s", args.socket, f" and {args.tcp}" if args.tcp else "")
-        number = asyncio.run(_serve(servers, unix))
+        number, when = asyncio.run(_serve(servers, unix))
         if number == signal.SIGTERM and args.shutdown_vms:
-            log.info("host shutdown: stopping every VM within %.0f s", args.shutdown_deadline)
-            daemon.host_shutdown(args.shutdown_deadline)
+            # The deadline counts from SIGTERM: closing the API's connections took some of it.
+            left = max(1.0, args.shutdown_deadline - (time.monotonic() - when))
+            log.info("host shutdown: stopping every VM within %.1f s", left)
+            daemon.host_shutdown(left)
     finally:
         daemon.close()
         with contextlib.suppress(OSError):

@@ -1,20 +1,31 @@
 """The warm template: a process that has imported what a VM needs and forks one per request.
 
 ``kasoud`` (``kasou.daemon``) starts it as ``python -m kasou.cli.template FD PARENT`` with one
-end of a ``SOCK_SEQPACKET`` socket pair as FD. Each packet it reads is a spawn request, JSON
-``{"argv": [...], "dir": PATH}``; it answers ``{"pid": N}`` or ``{"error": TEXT}``. A VM
+end of a ``SOCK_SEQPACKET`` socket pair as FD. It first says ``{"ready": true, "spare": N}``;
+each packet it reads then is a spawn request, JSON ``{"argv": [...], "dir": PATH}``; it
+answers ``{"pid": N, "spare": M}`` or ``{"error": TEXT, "spare": M}``, and says
+``{"spare": M}`` alone whenever it forks a new spare between two requests (``spare``: the
+process kept for the next VM, or null; the daemon reaps it once the template has gone). A VM
 forked from here skips Python's start and kasou's imports, which is most of ``kasou run``'s
 time to the first guest instruction.
 
-Each VM is double-forked: the middle child forks the VM and exits at once, so the VM is
-nobody's child here but is re-parented to the daemon (a child subreaper, prctl(2)
-PR_SET_CHILD_SUBREAPER) while the daemon lives, and to init after; it calls setsid(2) so it
-survives the daemon's death and no terminal signal reaches it. In the VM: the working folder
-is its folder, stdin is /dev/null, stdout and stderr go to ``stderr.log``, every other fd is
-closed, the signal handlers and mask are those of a fresh Python, then
-``kasou.cli.fastrun.run_command(argv)`` runs and its exit status is written to ``exit``
-(atomically: ``exit.tmp`` renamed) before ``os._exit``. A VM that leaves no ``exit`` was
-killed.
+Ahead of each request (request -> first KVM_RUN is the figure that counts), the template
+keeps a *spare*: the next VM's process, forked before it is asked for (``_REFILL_DELAY``
+after the last one became a VM, so as not to slow that VM's start; at once if a request
+comes sooner). Each spare is
+double-forked: the middle child forks it and exits at once, so it is nobody's child here but
+is re-parented to the daemon (a child subreaper, prctl(2) PR_SET_CHILD_SUBREAPER) while the
+daemon lives, and to init after. While it waits it does what no VM's settings decide: setsid(2)
+(it survives the daemon's death and no terminal signal reaches it), stdin from /dev/null,
+every fd but its socket to the template closed, the signal handlers and mask of a fresh
+Python, and its seccomp filters' reporter and spawner started (``Seccomp.start``; the
+programs were compiled here once, ``Seccomp.prepare(precompile=True)``). A request turns it
+into that VM: the working folder is its folder, stdout and stderr (and the seccomp reports)
+go to ``stderr.log``, then ``kasou run``'s parser (built here once) and
+``kasou.cli.fastrun.run_vm`` run, and its exit status is written to ``exit`` (atomically:
+``exit.tmp`` renamed) before ``os._exit``. A VM that leaves no ``exit`` was killed. A spare
+whose template ends (its socket closes) ends too. A request that may ask for a jail gets a
+new spare without filters started: a jailed VMM starts them inside its jail.
 
 The template dies with the daemon (PR_SET_PDEATHSIG); the VMs do not. It does not decide
 anything: what to run is the daemon's business.
@@ -22,25 +33,36 @@ anything: what to run is the daemon's business.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
 
 from kasou._sys.libc import set_thread_name
+
+if TYPE_CHECKING:
+    from kasou.jail.seccomp import Seccomp
 
 __all__ = ["main"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _MAX_REQUEST = 1 << 20
+_REFILL_DELAY = 0.03  # seconds after a launch before the next spare is forked
 
 
-def _preload() -> None:
-    """Import what ``kasou run`` imports for a guest-kit VM and the default guest."""
+def _preload() -> Callable[[list[str]], int]:
+    """Import what ``kasou run`` imports for a guest-kit VM and the default guest, and make
+    what every VM would otherwise make again; return ``kasou run`` for the VMs to call."""
+    import encodings.ascii  # noqa: F401  (a codec looked up by name: imported on first use)
+
     import kasou.cli.fastrun
     import kasou.client.control
     import kasou.devices.virtio
@@ -50,15 +72,23 @@ def _preload() -> None:
     import kasou.vmm.builder
     import kasou.vmm.control
     import kasou.vmm.runner
-    import kasou.vmm.vm  # noqa: F401
+    import kasou.vmm.vm
     from kasou.jail.seccomp import Seccomp, SeccompError
 
     try:
-        # libseccomp loaded, the allow-lists read, every call named: once, for all VMs.
-        # Nothing starts here; each VM compiles and installs its own filters.
-        Seccomp.prepare()
+        # libseccomp loaded, the allow-lists read, every call named, every program compiled:
+        # once, for all VMs. Nothing starts here; each VM fills in its own values (its
+        # reporter's pid and socket) and installs its filters (jail/seccomp.py).
+        Seccomp.prepare(precompile=True)
     except SeccompError:
         pass  # each VM reports it when it starts its filters
+    parse = kasou.cli.fastrun.parser()  # argparse's, built once: ~2 ms a VM saves
+
+    def run(argv: list[str]) -> int:
+        # kasou.cli.fastrun.run_command, with the parser built above.
+        return kasou.cli.fastrun.run_vm(vars(parse.parse_args(argv)))
+
+    return run
 
 
 def _die_with(parent: int) -> None:
@@ -78,27 +108,22 @@ def _exit_status(leave: SystemExit) -> int:
     return 1
 
 
-def _become_vm(argv: list[str], directory: str) -> None:
-    """Runs in the grandchild: never returns."""
+def _become_vm(
+    run: Callable[[list[str]], int], argv: list[str], directory: str, guard: Seccomp | None
+) -> NoReturn:
+    """Runs in the spare once its request came: never returns."""
     status = 1
     try:
-        os.setsid()
         os.chdir(directory)
         # ps and top show the VM by name (comm, 15 bytes), not as another template.
         set_thread_name(f"kasou-{os.path.basename(directory)}"[:15])
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
         log = os.open("stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
-            signal.signal(number, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        from kasou.cli.fastrun import run_command
-
-        status = run_command(argv)
+        os.close(log)
+        if guard is not None:
+            guard.report_to(2)  # its reporter was forked with the template's log as fd 2
+        status = run(argv)
     except SystemExit as leave:
         status = _exit_status(leave)
     except BaseException:
@@ -111,33 +136,144 @@ def _become_vm(argv: list[str], directory: str) -> None:
             written.write(f"{status}\n")
         os.replace("exit.tmp", "exit")
     finally:
+        if guard is not None:  # os._exit runs no atexit handler: reap the reporter here
+            with contextlib.suppress(OSError):
+                guard.close()
         os._exit(status & 0xFF)
 
 
-def _spawn(argv: list[str], directory: str) -> int:
-    """Double-fork a VM; return its pid once the middle child is reaped."""
-    read_end, write_end = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        try:
-            os.close(read_end)
-            vm = os.fork()
-            if vm == 0:
-                os.close(write_end)
-                _become_vm(argv, directory)
-            os.write(write_end, str(vm).encode())
-        finally:
+def _wait_for_request(
+    run: Callable[[list[str]], int], channel: socket.socket, seccomp: bool
+) -> NoReturn:
+    """The spare's life until its request: what does not depend on the VM is done first
+    (with ``seccomp``, the filters' reporter and spawner: ``Seccomp.start``, which ``kasou
+    run`` then finds started), then it waits; it ends if the template's end of ``channel``
+    closes first."""
+    guard = None
+    try:
+        mine = channel.fileno()
+        os.setsid()
+        set_thread_name("kasou-spare")  # in ps and top until it is a VM
+        os.closerange(3, mine)  # the daemon's channel and the template's other fds
+        os.closerange(mine + 1, os.sysconf("SC_OPEN_MAX"))
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
+            signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        if seccomp:
+            from kasou.jail.seccomp import Seccomp, SeccompError
+
+            with contextlib.suppress(SeccompError):  # kasou run tries again, and reports it
+                guard = Seccomp.start()
+        request = channel.recv(_MAX_REQUEST)
+        if not request:  # the template ended
+            if guard is not None:
+                guard.close()
             os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        text = reader.read()
-    os.waitpid(middle, 0)
-    if not text:
-        raise OSError("the middle child ended without forking the VM")
-    return int(text)
+        fields = json.loads(request)  # the template's own packet: checked there
+        channel.close()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    _become_vm(run, fields["argv"], fields["dir"], guard)
 
 
-def _answer(request: bytes) -> dict[str, object]:
+class _Spare:
+    """The next VM's process, forked (twice) before its request: see the module docstring."""
+
+    def __init__(self, run: Callable[[list[str]], int], seccomp: bool = True) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        read_end, write_end = os.pipe()
+        try:
+            middle = os.fork()
+        except OSError:
+            for fd in (read_end, write_end):
+                os.close(fd)
+            ours.close()
+            theirs.close()
+            raise
+        if middle == 0:
+            try:
+                os.close(read_end)
+                ours.close()
+                spare = os.fork()
+                if spare == 0:
+                    os.close(write_end)
+                    _wait_for_request(run, theirs, seccomp)
+                os.write(write_end, str(spare).encode())
+            finally:
+                os._exit(0)
+        theirs.close()
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            text = reader.read()
+        os.waitpid(middle, 0)
+        if not text:
+            ours.close()
+            raise OSError("the middle child ended without forking the VM")
+        self.pid = int(text)
+        self._channel = ours
+
+    def launch(self, argv: list[str], directory: str) -> None:
+        """Make it the VM ``argv`` in ``directory`` (OSError if it is gone)."""
+        try:
+            self._channel.send(json.dumps({"argv": argv, "dir": directory}).encode())
+        finally:
+            self._channel.close()
+
+    def close(self) -> None:
+        """Let it end unused (its socket closes)."""
+        self._channel.close()
+
+
+class _Spares:
+    """One spare kept ready; ``launch`` hands it a request, ``refill`` forks the next."""
+
+    def __init__(self, run: Callable[[list[str]], int]) -> None:
+        self._run = run
+        self._next: _Spare | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._next.pid if self._next is not None else None
+
+    def refill(self) -> None:
+        if self._next is None:
+            try:
+                self._next = _Spare(self._run)
+            except OSError as error:  # the next request tries again, and reports it
+                sys.stderr.write(f"kasou template: cannot fork a spare VM process: {error}\n")
+
+    def launch(self, argv: list[str], directory: str) -> int:
+        """The pid of the process that now becomes the VM."""
+        if _may_jail(argv):
+            spare = _Spare(self._run, seccomp=False)
+            try:
+                spare.launch(argv, directory)
+            finally:
+                spare.close()
+            return spare.pid
+        for attempt in range(2):
+            spare, self._next = self._next or _Spare(self._run), None
+            try:
+                spare.launch(argv, directory)
+                return spare.pid
+            except OSError:
+                if attempt:  # a fresh spare failed too
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _may_jail(argv: list[str]) -> bool:
+    """Whether ``argv`` may ask for a jail (``--jail`` or any abbreviation argparse takes):
+    a jailed VMM starts its filters inside its jail, so it gets a spare that has none."""
+    return any(word.startswith("--j") for word in argv)
+
+
+def _answer(spares: _Spares, request: bytes) -> dict[str, object]:
     try:
         fields = json.loads(request)
         argv, directory = fields["argv"], fields["dir"]
@@ -145,7 +281,7 @@ def _answer(request: bytes) -> dict[str, object]:
             return {"error": "argv must be a list of strings"}
         if not isinstance(directory, str) or not os.path.isdir(directory):
             return {"error": f"{directory!r} is not a folder"}
-        return {"pid": _spawn(argv, directory)}
+        return {"pid": spares.launch(argv, directory)}
     except (ValueError, KeyError, TypeError) as error:
         return {"error": f"a bad spawn request: {error}"}
     except OSError as error:
@@ -160,15 +296,27 @@ def main(args: list[str] | None = None) -> int:
     channel = socket.socket(fileno=int(words[0]))
     _die_with(int(words[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the daemon's group is its to handle
-    _preload()
+    spares = _Spares(_preload())
     gc.collect()
     gc.freeze()  # keep the collector off the pages the VMs share with the template
-    channel.send(b'{"ready": true}')
+    spares.refill()
+    channel.send(json.dumps({"ready": True, "spare": spares.pid}).encode())
     while True:
+        if spares.pid is None:
+            # The next spare is forked once the VM just launched had a head start (a fork
+            # of this process beside it would slow its start), unless a request comes first.
+            waiting, _, _ = select.select([channel], [], [], _REFILL_DELAY)
+            if not waiting:
+                spares.refill()
+                channel.send(json.dumps({"spare": spares.pid}).encode())
+                if spares.pid is None:  # cannot fork now: the next request tries again
+                    waiting, _, _ = select.select([channel], [], [])
         request = channel.recv(_MAX_REQUEST)
         if not request:  # the daemon closed its end
             return 0
-        channel.send(json.dumps(_answer(request)).encode())
+        answer = _answer(spares, request)
+        answer["spare"] = spares.pid
+        channel.send(json.dumps(answer).encode())
 
 
 if __name__ == "__main__":

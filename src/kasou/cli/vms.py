@@ -153,12 +153,18 @@ def exec_in(
     # The API takes stdin whole, before the command runs: only read it when asked to.
     stdin = sys.stdin.read() if interactive else ""
     limit = 60.0 if timeout is None else timeout
-    with _connected(host, timeout=limit + 15) as client:
-        result = client.vms.exec(name, argv, stdin=stdin, timeout=limit)
-    sys.stdout.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.write(result.stderr)
-    raise typer.Exit(result.exit_code)
+    # Output is printed as the guest writes it (the API's streamed exec), each stream flushed
+    # at once so that the two keep their order on a shared terminal.
+    with (
+        _connected(host, timeout=limit + 15) as client,
+        client.vms.exec_stream(name, argv, stdin=stdin, timeout=limit) as run,
+    ):
+        for chunk in run:
+            out = sys.stdout if chunk.stream == "stdout" else sys.stderr
+            out.write(chunk.data)
+            out.flush()
+        status = run.exit_code
+    raise typer.Exit(255 if status is None else status)
 
 
 # ---- read commands
@@ -272,6 +278,13 @@ def create(
         typer.Option(help="A label, KEY=VALUE (repeatable)."),
     ] = None,
     start: Annotated[bool, typer.Option("--start", help="Start it once created.")] = False,
+    incoming: Annotated[
+        str | None,
+        typer.Option(
+            help="Wait for a VM sent by `kasou migrate` on unix:PATH or tcp://HOST:PORT "
+            "instead of booting (kasou restore makes one from a snapshot)."
+        ),
+    ] = None,
     json_output: JsonOption = False,
     host: HostOption = None,
 ) -> None:
@@ -291,7 +304,12 @@ def create(
     for key, path in (("kernel", kernel), ("initrd", initrd), ("image", image)):
         if path is not None:
             fields[key] = os.path.abspath(path)
-    for key, value in (("cmdline", cmdline), ("memory", memory), ("vcpus", vcpus)):
+    for key, value in (
+        ("cmdline", cmdline),
+        ("memory", memory),
+        ("vcpus", vcpus),
+        ("incoming", incoming),
+    ):
         if value is not None:
             fields[key] = value
     with _connected(host) as client:

@@ -14,7 +14,8 @@ naming the state they need. The VM's states (``kasou.spec.VmState``)::
 
 The supervisor thread polls the pidfds of the running VMs (and a wake-up eventfd): a pidfd
 that turns readable is a VM that ended, handled by the table above and the restart policy
-(exponential backoff from 0.5 s, capped at 30 s; 5 restarts within 60 s end in FAILED).
+(exponential backoff from 0.5 s, capped at 30 s; 5 restarts within 60 s end in FAILED,
+counted across daemon restarts: their times are kept in the VM's record).
 VMs are forked by the warm template (``_template``) in their own session, so they outlive
 the daemon; ``Daemon.open`` re-attaches to those still running (``_process``).
 
@@ -28,7 +29,7 @@ This module does not speak HTTP (``kasou.api``) and does not parse ``kasou run``
 from __future__ import annotations
 
 import builtins
-import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -40,10 +41,12 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kasou.client.control import ControlClient, RemoteError
+from kasou.daemon._backups import Backups
 from kasou.daemon._process import VmProcess, read_status
 from kasou.daemon._specs import check_spec, console_option, memory_bytes, run_argv
 from kasou.daemon._store import SqliteStore, Store, VmRecord
@@ -78,6 +81,8 @@ _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 _READY_TIMEOUT = 10.0  # a started VM's control socket answers within this, or it is late
 _STOP_GRACE = 10.0  # after a stop request, before SIGKILL
 _CONTROL_TIMEOUT = 5.0
+_KILL_WAIT = 2.0  # a killed VM process is gone within this
+_ENDING_WAIT = 2.0  # a VM whose control socket failed is seen ending within this, or runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +194,6 @@ class _Vm:
     record: VmRecord
     paths: VmPaths
     process: VmProcess | None = None
-    recent: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
 
 
 class Daemon:
@@ -211,6 +215,7 @@ class Daemon:
         self._supervisor = threading.Thread(
             target=self._supervise, name="kasoud-supervisor", daemon=True
         )
+        self.backups = Backups(self)
 
     # --- opening and closing -------------------------------------------------------------
 
@@ -237,6 +242,7 @@ class Daemon:
         with daemon._lock:
             daemon._reattach()
         daemon._supervisor.start()
+        daemon.backups.start()
         return daemon
 
     def _reattach(self) -> None:
@@ -248,19 +254,21 @@ class Daemon:
                     self._on_end(vm, None, "the daemon ended while it was starting")
                 continue
             process = VmProcess.attach(record.pid, record.pid_start, vm.paths.exit)
-            if process is not None:
+            if process is not None and not process.ended():
                 vm.process = process
                 self._event(record.name, "reattached", record.state, f"pid {record.pid}")
                 continue
-            status = read_status(vm.paths.exit)
-            why = "ended while the daemon was away" + (
-                f", status {status}" if status is not None else " (killed)"
-            )
-            self._on_end(vm, status, why)
+            if process is not None:  # ended, not yet reaped: its status may be ours to take
+                status, how = process.collect()
+            else:
+                status = read_status(vm.paths.exit)
+                how = f"status {status}" if status is not None else "killed"
+            self._on_end(vm, status, f"ended while the daemon was away ({how})")
 
     def close(self, stop_vms: bool = False) -> None:
         """Stop watching; the VMs run on (for the next daemon to re-attach) unless
         ``stop_vms``."""
+        self.backups.close()
         if stop_vms:
             self._stop_all(deadline=_STOP_GRACE, shutdown_first=False)
         with self._lock:
@@ -278,37 +286,55 @@ class Daemon:
         self._store.close()
 
     def host_shutdown(self, deadline: float = 30.0) -> None:
-        """Stop every VM within ``deadline`` seconds: an ACPI shutdown request first for VMs
-        with ACPI, then stop, then SIGKILL for what is left."""
+        """Stop every VM within ``deadline`` seconds: VMs with ACPI are asked to power off
+        (the power button) and stopped if they have not near the deadline; the others are
+        stopped at once; what is left at the deadline is killed."""
         self._stop_all(deadline=deadline, shutdown_first=True)
 
     def _stop_all(self, deadline: float, shutdown_first: bool) -> None:
         until = time.monotonic() + deadline
+        # The last moments before the deadline: for a stop request to end a guest that
+        # ignored the button, then for SIGKILL to end one that ignored the stop.
+        stop_margin = min(5.0, deadline / 4)
+        kill_margin = min(1.0, deadline / 10)
         with self._lock:
             for vm in self._vms.values():
                 if vm.record.state is _S.BACKOFF:
                     self._move(vm, _Action.CANCEL, "host shutdown")
             live = [vm for vm in self._vms.values() if vm.record.state in _LIVE]
-        soft = [vm for vm in live if shutdown_first and vm.record.spec.acpi]
-        for vm in soft:
-            with self._lock:
+            soft = [
+                vm
+                for vm in live
+                if shutdown_first and vm.record.spec.acpi and vm.record.state is not _S.STOPPING
+            ]
+            for vm in soft:
+                # desired stays as it was: a host shutdown is not the user's stop.
                 if vm.record.state in (_S.RUNNING, _S.PAUSED):
-                    self._move(vm, _Action.SHUTDOWN, "host shutdown")
-            self._control(vm, "shutdown", wait=0)
-        # The guests get most of the time to power off; stop then gets the rest.
-        self._await_end(soft, until - min(5.0, deadline / 4))
-        for vm in live:
+                    self._move(vm, _Action.SHUTDOWN, "host shutdown")  # --shutdown--> stopping
+        # Control calls go out side by side: one VM slow to answer must not spend the others'
+        # time.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(live), 32))) as pool:
+            soft_set = {id(vm) for vm in soft}
+            list(pool.map(lambda vm: self._control(vm, "shutdown", wait=0), soft))
+            list(pool.map(self._stop_now, [vm for vm in live if id(vm) not in soft_set]))
+            self._await_end(soft, until - stop_margin)
+            list(pool.map(self._stop_now, soft))
+        if not self._await_end(live, until - kill_margin):
             with self._lock:
-                if vm.record.state in _LIVE and vm.record.state is not _S.STOPPING:
-                    self._move(vm, _Action.STOP, "host shutdown")
-            if vm.record.state is _S.STOPPING:
-                self._control(vm, "stop")
-        self._await_end(live, until)
+                for vm in live:
+                    if vm.process is not None:
+                        vm.process.signal(signal.SIGKILL)
+            # SIGKILL ends a process within milliseconds; its end is seen by the supervisor.
+            self._await_end(live, until + _KILL_WAIT)
+
+    def _stop_now(self, vm: _Vm) -> None:
+        """Part of ``_stop_all``: move a live VM to stopping and send it the stop request."""
         with self._lock:
-            for vm in live:
-                if vm.process is not None:
-                    vm.process.signal(signal.SIGKILL)
-        self._await_end(live, time.monotonic() + 5.0)
+            if vm.record.state in _LIVE and vm.record.state is not _S.STOPPING:
+                self._move(vm, _Action.STOP, "host shutdown")  # --stop--> stopping
+            elif vm.record.state is not _S.STOPPING:
+                return
+        self._control(vm, "stop")
 
     # --- the table ------------------------------------------------------------------------
 
@@ -385,6 +411,19 @@ class Daemon:
             self._event(name, "deleted", None)
         shutil.rmtree(vm.paths.dir, ignore_errors=True)
 
+    def replace_spec(self, name: str, spec: VmSpec, why: str) -> VmInfo:
+        """Declare ``name`` anew as ``spec`` (same name; a restored backup): the VM must be
+        at rest."""
+        check_spec(spec)
+        with self._lock:
+            vm = self._vm(name)
+            if vm.record.state not in _AT_REST or spec.name != name:
+                raise StateError(name, vm.record.state.value, "re-declare", _wanted(_AT_REST))
+            vm.record.spec = spec
+            self._store.put(vm.record)
+            self._event(name, "updated", vm.record.state, why)
+            return vm.record.info()
+
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self, name: str) -> VmInfo:
@@ -394,7 +433,7 @@ class Daemon:
             self._move(vm, _Action.START)
             vm.record.desired = DesiredState.RUNNING
             vm.record.restarts = 0
-            vm.recent.clear()
+            vm.record.recent_restarts.clear()
             self._store.put(vm.record)
         self._spawn(vm)
         self._await_ready(vm)
@@ -483,6 +522,9 @@ class Daemon:
                 reply = client.execute(request.argv, request.stdin, request.timeout)
         except RemoteError as error:
             raise GuestError(f"{name}: exec failed: {error}") from error
+        except (HostError, OSError):
+            self._raise_if_ending(vm, "exec")
+            raise
         return ExecResult(
             exit_code=int(reply.get("status", -1)),
             stdout=str(reply.get("stdout", "")),
@@ -503,6 +545,54 @@ class Daemon:
             return lifecycle[kind](name).model_dump(mode="json")
         return self._request(self._running(name, kind), kind, **args)
 
+    def migrate(
+        self,
+        name: str,
+        url: str,
+        downtime: float = 0.3,
+        progress: Callable[[float], None] | None = None,
+    ) -> dict[str, Any]:
+        """Send the running VM to ``url`` (a ``kasou run --incoming``, or a VM declared with
+        ``incoming``) and wait for the end; ``progress`` gets the share of memory sent. After
+        a completed migration the VM here is STOPPED; otherwise it runs on."""
+        vm = self._running(name, "migrate")
+        with self._lock:
+            desired = vm.record.desired
+            # The process ends by itself once the VM runs at the destination: as asked.
+            vm.record.desired = DesiredState.STOPPED
+            self._store.put(vm.record)
+        state: dict[str, Any] = {"phase": "starting", "error": None}
+        try:
+            self._request(vm, "migrate", url=url, downtime=downtime)
+            self._event(name, "migrating", vm.record.state, url)
+            while state.get("phase") not in ("completed", "failed", "cancelled"):
+                with self._changed:  # between polls, woken early when the process ends
+                    self._changed.wait(0.1)
+                try:
+                    state = self._request(vm, "migration")
+                except (KasouError, OSError) as error:
+                    if self._await_end([vm], time.monotonic() + _STOP_GRACE) and (
+                        vm.record.exit_status == 0
+                    ):
+                        state = {"phase": "completed", "url": url, "error": None}
+                    else:
+                        state = {"phase": "failed", "error": str(error)}
+                    break
+                if progress is not None and state.get("memory"):
+                    sent = int(state.get("pages_sent", 0)) * 4096 / int(state["memory"])
+                    progress(min(0.99, sent))
+        finally:
+            if state.get("phase") != "completed":
+                with self._lock:
+                    vm.record.desired = desired
+                    self._store.put(vm.record)
+        if state.get("phase") != "completed":
+            self._event(name, "migration-failed", vm.record.state, str(state.get("error")))
+            raise GuestError(f"{name}: migration to {url} {state.get('phase')}: {state['error']}")
+        self._await_end([vm], time.monotonic() + _STOP_GRACE)
+        self._event(name, "migrated", vm.record.state, url)
+        return state
+
     def _running(self, name: str, action: str) -> _Vm:
         with self._lock:
             vm = self._vm(name)
@@ -521,6 +611,30 @@ class Daemon:
             if error.type == "ConfigError":
                 raise DaemonError(f"{vm.record.name}: {kind}: {error}") from error
             raise GuestError(f"{vm.record.name}: {kind}: {error}") from error
+        except (HostError, OSError) as error:
+            self._raise_if_ending(vm, kind)
+            raise HostError(f"{vm.record.name}: {kind}: {error}") from error
+
+    def _raise_if_ending(self, vm: _Vm, action: str) -> None:
+        """After a failed call to ``vm``'s control socket: if the VM's process is ending,
+        raise ``StateError`` once the supervisor has seen the end, so the caller learns the
+        state the VM moved to rather than a socket error. A process that is killed resets
+        the connection (or leaves a socket nobody listens on) a moment before its pidfd
+        turns readable, so the end is awaited briefly; if the VM still runs, the error is
+        the caller's to raise."""
+        self._await_end_seen(vm, time.monotonic() + _ENDING_WAIT)
+        with self._lock:
+            state = vm.record.state
+        if state in (_S.RUNNING, _S.PAUSED):
+            return
+        raise StateError(vm.record.name, state.value, action, "running or paused") from None
+
+    def _await_end_seen(self, vm: _Vm, until: float) -> None:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: vm.process is None and vm.record.state not in (_S.RUNNING, _S.PAUSED),
+                max(0.0, until - time.monotonic()),
+            )
 
     def _control(self, vm: _Vm, kind: str, **args: Any) -> bool:
         """Best effort: a stop or shutdown to a VM that may be ending anyway."""
@@ -642,6 +756,8 @@ class Daemon:
                 process = vm.process
                 if process is None or vm.record.state is not _S.RUNNING:
                     return
+                if vm.record.spec.incoming is not None:
+                    return  # its control socket comes with the VM, when a migration arrives
             if process.ended():
                 return
             try:
@@ -676,32 +792,37 @@ class Daemon:
         for sock in (vm.paths.api_sock, vm.paths.console_sock):
             with contextlib.suppress(OSError):
                 sock.unlink()  # left by a VM that was killed
-        self._event(record.name, "exited", record.state, why)
+        action, message = self._after_end(vm, status, why)
+        # The "exited" event carries the state the VM moves to, like the move's own event.
+        self._event(record.name, "exited", _TRANSITIONS[action][1], why)
+        self._move(vm, action, message)
+
+    def _after_end(self, vm: _Vm, status: int | None, why: str) -> tuple[_Action, str]:
+        """Where a VM whose process ended goes (with the lock held): the table and the
+        restart policy decide; the backoff delay is set on the record."""
+        record = vm.record
         if record.state is _S.STOPPING:
-            self._move(vm, _Action.ENDED)  # stopping --ended--> stopped
-            return
+            return _Action.ENDED, ""  # stopping --ended--> stopped
         failed = status != 0
         policy = record.spec.restart
         again = policy is RestartPolicy.ALWAYS or (policy is RestartPolicy.ON_FAILURE and failed)
         if not again or record.desired is not DesiredState.RUNNING:
             # running --exited--> stopped, or running --crashed--> failed
-            self._move(vm, _Action.CRASHED if failed else _Action.EXITED, why)
-            return
-        now = time.monotonic()
+            return (_Action.CRASHED if failed else _Action.EXITED), why
+        # Wall-clock times, kept in the record: the count survives a daemon restart.
+        now = time.time()
         timing = self._timing
-        while vm.recent and vm.recent[0] < now - timing.window:
-            vm.recent.popleft()
-        if len(vm.recent) >= timing.limit:
-            self._move(
-                vm,
+        recent = [t for t in record.recent_restarts if now - timing.window <= t <= now]
+        record.recent_restarts = recent
+        if len(recent) >= timing.limit:
+            return (
                 _Action.CRASHED,
-                f"{why}; restarted {len(vm.recent)} times in {timing.window:g} s: "
+                f"{why}; restarted {len(recent)} times in {timing.window:g} s: "
                 "left failed (a crash loop); fix it and start it again",
             )
-            return
-        delay = min(timing.first * 2 ** len(vm.recent), timing.cap)
-        record.backoff_until = time.time() + delay
-        self._move(vm, _Action.BACKOFF, f"{why}; restarting in {delay:g} s")
+        delay = min(timing.first * 2 ** len(recent), timing.cap)
+        record.backoff_until = now + delay
+        return _Action.BACKOFF, f"{why}; restarting in {delay:g} s"
 
     def _supervise(self) -> None:
         """The supervisor thread: see VM processes end, restart VMs whose backoff is over."""
@@ -756,7 +877,7 @@ class Daemon:
             ]
             for vm in due:
                 vm.record.restarts += 1
-                vm.recent.append(time.monotonic())
+                vm.record.recent_restarts.append(now)
                 self._move(vm, _Action.RETRY, f"restart {vm.record.restarts}")
         for vm in due:
             try:
@@ -817,7 +938,7 @@ def _add_vm_figures(vm: _Vm, sample: VmMetrics) -> None:
             devices = client.request("devices").get("devices", [])
     except (KasouError, OSError, ValueError):
         return
-    exits = status.get("exits")
+    exits = status.get("exits_by_reason", status.get("exits"))
     if isinstance(exits, int):
         sample.exits["all"] = exits
     elif isinstance(exits, dict):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kasou.errors import ConfigError, SpecError
+from kasou.errors import ConfigError, KasouError, SpecError
 from kasou.memory.size import host_memory_bytes, parse_size
 from kasou.spec import VmSpec
 from kasou.vmm.config import parse_disk, parse_net
@@ -38,8 +38,52 @@ def _readable_file(field: str, text: str) -> None:
         raise SpecError(field, f"{text}: not readable by the daemon: fix its permissions")
 
 
+# What describes a new VM: a restored or incoming one brings its own (``kasou run`` refuses
+# them beside --restore and --incoming).
+_BOOT_FIELDS = ("kernel", "initrd", "image", "cmdline")
+
+
+def _check_saved(spec: VmSpec) -> None:
+    """A VM brought back (``restore``) or arriving (``incoming``): no boot fields, and a
+    restore folder that holds a full kasou snapshot (its state file is read and checked)."""
+    given = [field for field in _BOOT_FIELDS if getattr(spec, field) is not None]
+    given += [flag for flag in ("rng", "balloon") if getattr(spec, flag)]
+    if given:
+        raise SpecError(
+            given[0], "describes a new VM; a restored or incoming one has its own: leave it out"
+        )
+    if spec.restore is not None and spec.incoming is not None:
+        raise SpecError("incoming", "give restore or incoming, not both")
+    if spec.clone and spec.restore is None:
+        raise SpecError("clone", "a clone is made of a snapshot: give restore too")
+    if spec.incoming is not None:
+        from kasou.vmm.migration import parse_url
+
+        try:
+            parse_url(spec.incoming)
+        except (ConfigError, KasouError, ValueError) as error:
+            raise SpecError("incoming", str(error)) from error
+        return
+    assert spec.restore is not None
+    folder = Path(spec.restore)
+    if not folder.is_absolute():
+        raise SpecError("restore", f"{spec.restore!r} is relative: give an absolute path")
+    from kasou.vmm.snapshot import snapshot_info
+
+    try:
+        info = snapshot_info(folder)
+    except (KasouError, OSError, ValueError) as error:
+        raise SpecError("restore", f"{spec.restore}: not a kasou snapshot: {error}") from error
+    if info["kind"] != "full":
+        raise SpecError(
+            "restore", f"{spec.restore} is a diff snapshot: merge it into its full one first"
+        )
+
+
 def check_spec(spec: VmSpec, host_memory: int | None = None) -> None:
     """Raise ``SpecError`` unless ``spec`` is one ``kasou run`` can start on this host."""
+    if spec.restore is not None or spec.incoming is not None or spec.clone:
+        _check_saved(spec)
     for field in ("kernel", "initrd", "image"):
         value = getattr(spec, field)
         if value is not None:
@@ -92,7 +136,14 @@ def console_option(console_sock: Path, console_log: Path) -> str:
 
 def run_argv(spec: VmSpec, api_sock: Path, console: str) -> list[str]:
     """The ``kasou run`` arguments (without ``run``) that start ``spec``."""
-    argv = ["--memory", spec.memory, "--vcpus", str(spec.vcpus)]
+    if spec.restore is not None or spec.incoming is not None:
+        # Memory, vCPUs and devices are the saved VM's; disks and nets given replace its own.
+        if spec.restore is not None:
+            argv = ["--restore", spec.restore] + (["--clone"] if spec.clone else [])
+        else:
+            argv = ["--incoming", str(spec.incoming)]
+    else:
+        argv = ["--memory", spec.memory, "--vcpus", str(spec.vcpus)]
     for field in ("kernel", "initrd", "image", "cmdline"):
         value = getattr(spec, field)
         if value is not None:
@@ -101,11 +152,12 @@ def run_argv(spec: VmSpec, api_sock: Path, console: str) -> list[str]:
         argv += ["--disk", disk]
     for net in spec.nets:
         argv += ["--net", net]
-    if spec.rng:
+    saved = spec.restore is not None or spec.incoming is not None
+    if spec.rng and not saved:
         argv.append("--rng")
-    if spec.balloon:
+    if spec.balloon and not saved:
         argv.append("--balloon")
-    if not spec.acpi:
+    if not spec.acpi and not saved:
         argv.append("--no-acpi")
     limits = spec.limits
     if limits is not None:

@@ -45,6 +45,9 @@ class VmRecord:
     started_at: float | None = None
     backoff_until: float | None = None
     message: str = ""
+    recent_restarts: builtins.list[float] = dataclasses.field(default_factory=builtins.list)
+    """When the restart policy last restarted it (``time.time()``), for the crash-loop
+    limit; kept here so that the count survives a daemon restart."""
 
     @property
     def name(self) -> str:

@@ -7,13 +7,16 @@ request and per answer. Requests are serialised by a lock: a fork takes a few mi
 A template that died is started again at the next request.
 
 What a VM does once forked, and how its end is seen, are ``kasou.cli.template``'s and
-``_process``'s business.
+``_process``'s business. The template keeps a spare process for the next VM and names it in
+its packets; once the template has gone, that spare ends too and is reaped here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -26,6 +29,7 @@ __all__ = ["Template"]
 
 _READY_TIMEOUT = 60.0  # the template's imports; generous for a loaded host
 _SPAWN_TIMEOUT = 30.0
+_REAP_TIMEOUT = 5.0
 
 
 class Template:
@@ -37,6 +41,7 @@ class Template:
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
         self._ready = False
+        self._spare: int | None = None  # the process the template forked for the next VM
 
     def start(self) -> None:
         """Start the template without waiting for its imports (``spawn`` waits)."""
@@ -74,19 +79,35 @@ class Template:
         self._ready = False
 
     def _receive(self, timeout: float) -> dict[str, object]:
+        """The next answer; the spare's pid is taken from it and from the notices of a new
+        spare (``{"spare": N}`` alone) that come before it."""
         assert self._channel is not None
         self._channel.settimeout(timeout)
-        try:
-            packet = self._channel.recv(1 << 16)
-        except OSError as error:
-            raise HostError(f"the VM template did not answer: {error}") from error
-        if not packet:
-            raise HostError(f"the VM template ended: see {self._log_path}")
-        answer: dict[str, object] = json.loads(packet)
-        return answer
+        while True:
+            try:
+                packet = self._channel.recv(1 << 16)
+            except OSError as error:
+                raise HostError(f"the VM template did not answer: {error}") from error
+            if not packet:
+                raise HostError(f"the VM template ended: see {self._log_path}")
+            answer: dict[str, object] = json.loads(packet)
+            spare = answer.get("spare")
+            self._spare = spare if isinstance(spare, int) else None
+            if answer.keys() - {"spare"}:
+                return answer
+
+    def _drain(self) -> None:
+        """Tell the template to end and take the notices it sends until it has: the last
+        names the spare to reap."""
+        assert self._channel is not None
+        with contextlib.suppress(OSError, ValueError, HostError):
+            self._channel.shutdown(socket.SHUT_WR)  # the template's recv sees the end
+            while True:
+                self._receive(_REAP_TIMEOUT)  # raises HostError once the template ended
 
     def _stop(self) -> None:
         if self._channel is not None:
+            self._drain()
             self._channel.close()
             self._channel = None
         if self._process is not None:
@@ -96,6 +117,9 @@ class Template:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+        if self._spare is not None:
+            _reap(self._spare)
+            self._spare = None
 
     def spawn(self, argv: list[str], directory: Path) -> int:
         """Fork ``kasou run ARGV`` in ``directory``; return its pid."""
@@ -128,3 +152,18 @@ class Template:
     def close(self) -> None:
         with self._lock:
             self._stop()
+
+
+def _reap(pid: int) -> None:
+    """Reap the template's unused spare, which ends once the template has ended (its socket
+    closes): a child of this process, a child subreaper (prctl(2)), or else init's."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone and reaped already
+    try:
+        select.select([pidfd], [], [], _REAP_TIMEOUT)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    finally:
+        os.close(pidfd)

@@ -62,6 +62,18 @@ without one:
    directly (control workers from the control loop, the console output thread from a vCPU)
    keep their creator's list and report through their creator's listener.
 
+Compiled once, filled in per VM
+-------------------------------
+Compiling the seven programs through libseccomp costs a VM several milliseconds of its start,
+yet they differ between two VMs only in the two numbers a VM learns as it starts: its end of
+the reporter's socket and the reporter's pid (the argument checks of ``own`` above). A warm
+template (``kasou.cli.template``) calls ``prepare(precompile=True)``: each program is
+compiled twice, with two sets of stand-in values, and kept with the places where the two
+compilations differ, which must be exactly the ``k`` fields of comparisons against a
+stand-in (struct sock_filter, linux/filter.h). A VM forked from it writes its own numbers
+there instead of compiling. Anything else differing (libseccomp shaping the program by the
+value) leaves the VM compiling its own, as ``kasou run`` does.
+
 Test hook
 ---------
 With ``KASOU_TEST_HOOKS=1`` and ``KASOU_SECCOMP_PROBE=<role>`` in the environment, the first
@@ -142,7 +154,14 @@ _RESP = struct.Struct("<QqiI")
 _SECCOMP_IOCTL_NOTIF_SEND = (3 << 30) | (_RESP.size << 16) | (ord("!") << 8) | 1
 _CONTINUE = 1  # SECCOMP_USER_NOTIF_FLAG_CONTINUE
 _FD = struct.Struct("i")  # one fd in an SCM_RIGHTS message (unix(7))
+_LISTENER, _REPORT_TO = b"L", b"E"  # what an fd sent to the reporter is
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the VMM's to handle
+_K = struct.Struct("<HBBI")  # struct sock_filter; k is its last field
+# Two sets of stand-ins for (channel fd, reporter pid) in precompiled programs: no file
+# descriptor or pid reaches them (pid_max is at most 2**22; fds are small), and no constant
+# of a libseccomp program for x86_64 (syscall numbers, AUDIT_ARCH_X86_64 0xc000003e,
+# __X32_SYSCALL_BIT 0x40000000) equals one.
+_STAND_INS = ((0x5EC0_0F01, 0x5EC0_0F02), (0x5EC0_0F03, 0x5EC0_0F04))
 
 
 class _SockFprog(ctypes.Structure):
@@ -281,6 +300,87 @@ def _install(program: bytes, listener: bool) -> int:
     return int(result) if listener else -1
 
 
+class _Blueprint:
+    """A compiled program whose argument checks compare against stand-ins: ``fill`` writes
+    a VM's own values in their place (see "Compiled once, filled in per VM")."""
+
+    __slots__ = ("program", "slots")
+
+    def __init__(self, program: bytes, slots: tuple[tuple[int, int], ...]) -> None:
+        self.program = program
+        self.slots = slots  # (byte offset of a k field, index of the value it takes)
+
+    @classmethod
+    def compare(cls, first: bytes, second: bytes) -> _Blueprint | None:
+        """The blueprint of one program compiled with each set of ``_STAND_INS`` (``first``
+        and ``second``); None when the two differ anywhere but in a stand-in's k field."""
+        if len(first) != len(second):
+            return None
+        slots = []
+        for offset in range(0, len(first), _BPF_INSN):
+            one, two = _K.unpack_from(first, offset), _K.unpack_from(second, offset)
+            if one == two:
+                continue
+            if one[:3] != two[:3] or one[3] not in _STAND_INS[0]:
+                return None
+            index = _STAND_INS[0].index(one[3])
+            if two[3] != _STAND_INS[1][index]:
+                return None
+            slots.append((offset + _K.size - 4, index))
+        return cls(first, tuple(slots))
+
+    def fill(self, values: tuple[int, int]) -> bytes:
+        program = bytearray(self.program)
+        for offset, index in self.slots:
+            struct.pack_into("<I", program, offset, values[index])
+        return bytes(program)
+
+
+def _reporter_program() -> bytes:
+    """The reporter's own filter: nobody to report to, so a call outside kills it."""
+    return compile_filter(_REPORTER_CALLS, _pyseccomp().KILL_PROCESS)
+
+
+def _own_calls(channel: int, reporter: int) -> dict[str, list[tuple[str, int, int]]]:
+    """What this module's code calls on each role's thread (see the module docstring): the
+    argument values its filters allow, by role."""
+    send = ("sendmsg", 0, channel)
+    return {
+        "vcpu": [send],
+        "device": [send],
+        "control": [send, ("kill", 0, reporter), ("wait4", 0, reporter)],
+    }
+
+
+def _compile_programs(
+    lists: Mapping[str, frozenset[str]], channel: int, reporter: int
+) -> dict[str, bytes]:
+    """Every VMM program: each role's (with a listener), its silent twin (for a thread
+    whose chain has a listener already) and the spawner's."""
+    pyseccomp = _pyseccomp()
+
+    own = _own_calls(channel, reporter)
+    programs: dict[str, bytes] = {
+        role: compile_filter(lists[role], only=own[role]) for role in ROLES
+    }
+    for role in ROLES:
+        programs[f"{role}-silent"] = compile_filter(lists[role], pyseccomp.KILL_PROCESS, own[role])
+    programs["spawner"] = compile_filter(lists["spawner"], only=own["control"])
+    return programs
+
+
+def _precompile(lists: Mapping[str, frozenset[str]]) -> dict[str, _Blueprint] | None:
+    """Every program of ``_compile_programs`` as a blueprint, or None if any cannot be."""
+    first, second = (_compile_programs(lists, *values) for values in _STAND_INS)
+    blueprints = {}
+    for name, program in first.items():
+        blueprint = _Blueprint.compare(program, second[name])
+        if blueprint is None:
+            return None
+        blueprints[name] = blueprint
+    return blueprints
+
+
 # --- the reporter process ---------------------------------------------------------------
 
 
@@ -317,9 +417,11 @@ def _serve(
 ) -> None:
     """Take listener fds from ``sock``; report (and kill the VMM) on a notification;
     return when the VMM closed its end. With ``record`` (the lists' recording mode), append
-    the report to that file and let the call go on instead."""
+    the report to that file and let the call go on instead. Reports go to fd 2 until the
+    VMM sends another (``report_to``)."""
     size = socket.CMSG_SPACE(_FD.size * 8)
     channel = sock.fileno()
+    out = 2
     while True:
         try:
             ready = poller.poll()
@@ -334,6 +436,9 @@ def _serve(
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds = array.array("i")
                         fds.frombytes(payload[: len(payload) - len(payload) % _FD.size])
+                        if data == _REPORT_TO:
+                            out = fds[0]
+                            continue
                         for listener in fds:
                             poller.register(listener, select.EPOLLIN)
             elif events & select.EPOLLIN:
@@ -346,7 +451,7 @@ def _serve(
                         os.close(log_fd)
                 elif message is not None:
                     try:
-                        os.write(2, message.encode())
+                        os.write(out, message.encode())
                     finally:
                         os.kill(vmm, signal.SIGKILL)
                     return
@@ -402,15 +507,16 @@ class Seccomp:
     _instance: Seccomp | None = None
     _instance_lock = threading.Lock()
     _prepared: tuple[dict[str, frozenset[str]], dict[int, str]] | None = None
+    # Set by prepare(precompile=True): the reporter's program and the VMM's blueprints.
+    _precompiled: tuple[bytes, dict[str, _Blueprint] | None] | None = None
 
     def __init__(self, lists: Mapping[str, frozenset[str]], names: Mapping[int, str]) -> None:
         """Fork the reporter and compile the programs (``start`` calls it)."""
-        pyseccomp = _pyseccomp()
-
-        reporter_program = compile_filter(
-            _REPORTER_CALLS,
-            pyseccomp.KILL_PROCESS,  # nobody to report to: the reporter just dies
-        )
+        precompiled = self._precompiled
+        if precompiled is not None:
+            reporter_program, blueprints = precompiled
+        else:
+            reporter_program, blueprints = _reporter_program(), None
         self._channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         vmm = os.getpid()
         sys.stdout.flush()
@@ -426,19 +532,12 @@ class Seccomp:
         theirs.close()
         self._reporter = pid
         channel = self._channel.fileno()
-        own = {
-            "vcpu": [("sendmsg", 0, channel)],
-            "device": [("sendmsg", 0, channel)],
-            "control": [("sendmsg", 0, channel), ("kill", 0, pid), ("wait4", 0, pid)],
-        }
-        self._programs: dict[str, bytes] = {
-            role: compile_filter(lists[role], only=own[role]) for role in ROLES
-        }
-        for role in ROLES:  # for a thread whose chain has a listener already
-            self._programs[f"{role}-silent"] = compile_filter(
-                lists[role], pyseccomp.KILL_PROCESS, own[role]
-            )
-        self._programs["spawner"] = compile_filter(lists["spawner"], only=own["control"])
+        if blueprints is not None:
+            self._programs = {
+                name: blueprint.fill((channel, pid)) for name, blueprint in blueprints.items()
+            }
+        else:
+            self._programs = _compile_programs(lists, channel, pid)
         self._entered: set[int] = set()  # native ids of threads that installed a role
         self._probe = _probe_role()
         self._probed = False
@@ -449,25 +548,33 @@ class Seccomp:
         atexit.register(self._end)
 
     @classmethod
-    def prepare(cls) -> None:
+    def prepare(cls, precompile: bool = False) -> None:
         """Load libseccomp, read the lists and name every system call number, starting
         nothing: call it before a pivot_root (the jail), where libseccomp cannot be found.
-        ``start`` does it when nobody did."""
+        ``start`` does it when nobody did. With ``precompile`` (a warm template, which
+        forks many VMMs) also compile every program once, to be filled in by each VMM
+        (see "Compiled once, filled in per VM")."""
         with cls._instance_lock:
-            if cls._prepared is not None:
-                return
-            pyseccomp = _pyseccomp()
+            if cls._prepared is None:
+                cls._prepare()
+            if precompile and cls._precompiled is None:
+                assert cls._prepared is not None
+                cls._precompiled = (_reporter_program(), _precompile(cls._prepared[0]))
 
-            lists = load_lists()
-            compile_filter(lists["spawner"])  # every name resolves, the library works
-            arch = pyseccomp.system_arch()
-            names = {}
-            for number in range(512):  # x86_64 numbers are below 512 (x32 is refused)
-                try:
-                    names[number] = pyseccomp.resolve_syscall(arch, number).decode()
-                except ValueError:
-                    continue  # a hole in the table
-            cls._prepared = (lists, names)
+    @classmethod
+    def _prepare(cls) -> None:
+        pyseccomp = _pyseccomp()
+
+        lists = load_lists()
+        compile_filter(lists["spawner"])  # every name resolves, the library works
+        arch = pyseccomp.system_arch()
+        names = {}
+        for number in range(512):  # x86_64 numbers are below 512 (x32 is refused)
+            try:
+                names[number] = pyseccomp.resolve_syscall(arch, number).decode()
+            except ValueError:
+                continue  # a hole in the table
+        cls._prepared = (lists, names)
 
     @classmethod
     def start(cls) -> Seccomp:
@@ -518,7 +625,7 @@ class Seccomp:
         if fd >= 0:
             try:
                 rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))]
-                self._channel.sendmsg([b"L"], rights)
+                self._channel.sendmsg([_LISTENER], rights)
             except OSError as error:  # the reporter is gone: forbidden calls get ENOSYS
                 log.warning("seccomp: cannot reach the reporter (%s)", error)
             finally:
@@ -556,8 +663,25 @@ class Seccomp:
                 call.error = error
             call.done.set()
 
+    def report_to(self, fd: int) -> None:
+        """Have the reporter write its reports to (a copy of) ``fd`` from now on, rather
+        than to the fd 2 this process had when it started: for a VMM started ahead of its
+        VM (``kasou.cli.template``), which gets its log only then."""
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))]
+        try:
+            self._channel.sendmsg([_REPORT_TO], rights)
+        except OSError as error:  # the reporter is gone: forbidden calls get ENOSYS
+            log.warning("seccomp: cannot reach the reporter (%s)", error)
+
+    def close(self) -> None:
+        """End and reap the reporter now: for a VMM that leaves by ``os._exit``, which runs
+        no ``atexit`` handler."""
+        self._end()
+
     def _end(self) -> None:
         """At the VMM's exit: end and reap the reporter (no zombie, no stray process)."""
+        if self._channel.fileno() < 0:
+            return  # ended already (``close``): its pid may be another process's by now
         try:
             os.kill(self._reporter, signal.SIGKILL)
             os.waitpid(self._reporter, 0)

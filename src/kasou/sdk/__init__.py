@@ -11,6 +11,8 @@ the same methods, replies parsed into the API's own models (``kasou.spec``).
             print(console.recv(timeout=5))
         for event in client.events(since=0):    # follows until closed
             ...
+    with kasou.Sandbox(template) as box:         # a throw-away clone (_sandbox)
+        print(box.exec("echo hi").stdout)
 
 Errors are ``ApiError`` subclasses chosen by the problem's type (``NotFound``,
 ``InvalidState``, ...; the tree is in ``_errors``), or ``DaemonUnavailable`` when kasoud does
@@ -40,6 +42,8 @@ from kasou.sdk._errors import (
 
 if TYPE_CHECKING:
     from kasou.sdk._async import AsyncClient, AsyncConsole, AsyncEventStream
+    from kasou.sdk._exec import AsyncExecStream, ExecChunk, ExecStream
+    from kasou.sdk._sandbox import AsyncSandbox, Sandbox, SandboxError
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -47,25 +51,43 @@ __all__ = [
     "AsyncClient",
     "AsyncConsole",
     "AsyncEventStream",
+    "AsyncExecStream",
+    "AsyncSandbox",
     "Client",
     "Conflict",
     "Console",
     "DaemonUnavailable",
     "EventStream",
+    "ExecChunk",
+    "ExecStream",
     "GuestFailure",
     "InvalidSpec",
     "InvalidState",
     "NotFound",
+    "Sandbox",
+    "SandboxError",
     "ServerError",
     "TooLarge",
     "Unauthorized",
 ]
 
-# The async twin (and asyncio with it) is imported on first use: `kasou ps` does not need it.
-_LAZY = {"AsyncClient", "AsyncConsole", "AsyncEventStream"}
+# The async twin (and asyncio with it), streamed exec and the sandbox are imported on first
+# use: `kasou ps` does not need them.
+_LAZY = {
+    "AsyncClient": "kasou.sdk._async",
+    "AsyncConsole": "kasou.sdk._async",
+    "AsyncEventStream": "kasou.sdk._async",
+    "AsyncExecStream": "kasou.sdk._exec",
+    "ExecChunk": "kasou.sdk._exec",
+    "ExecStream": "kasou.sdk._exec",
+    "AsyncSandbox": "kasou.sdk._sandbox",
+    "Sandbox": "kasou.sdk._sandbox",
+    "SandboxError": "kasou.sdk._sandbox",
+}
 
 
 def __getattr__(name: str) -> object:
-    if name not in _LAZY:
+    module = _LAZY.get(name)
+    if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module("kasou.sdk._async"), name)
+    return getattr(importlib.import_module(module), name)

@@ -10,18 +10,22 @@ import asyncio
 import builtins
 import os
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import websockets.asyncio.client
 import websockets.exceptions
 
 from kasou.sdk import _calls
+from kasou.sdk._backups import AsyncBackups, migrate_call
 from kasou.sdk._calls import Call
 from kasou.sdk._endpoint import Endpoint, resolve, unavailable
 from kasou.sdk._errors import error_for
 from kasou.sdk._sse import SseParser, event_from
 from kasou.spec import Event, ExecResult, Operation, VmInfo, VmSpec
+
+if TYPE_CHECKING:
+    from kasou.sdk._exec import AsyncExecStream
 
 __all__ = ["AsyncClient", "AsyncConsole", "AsyncEventStream", "AsyncFiles", "AsyncVms"]
 
@@ -55,6 +59,7 @@ class AsyncClient:
             verify=verify,
         )
         self.vms = AsyncVms(self)
+        self.backups = AsyncBackups(self)
         self.files = self.vms.files
 
     async def __aenter__(self) -> AsyncClient:
@@ -167,6 +172,15 @@ class AsyncVms:
     ) -> ExecResult:
         return await self._client._run(_calls.exec_(name, argv, stdin, timeout))
 
+    def exec_stream(
+        self, name: str, argv: builtins.list[str], stdin: str = "", timeout: float = 60.0
+    ) -> AsyncExecStream:
+        """``Vms.exec_stream`` for asyncio: ``async with client.vms.exec_stream(name, argv)
+        as run: async for chunk in run: ...``."""
+        from kasou.sdk._exec import AsyncExecStream
+
+        return AsyncExecStream(self._client, name, argv, stdin, timeout)
+
     async def logs(self, name: str, tail: int | None = None) -> str:
         return await self._client._run(_calls.logs(name, tail))
 
@@ -175,6 +189,9 @@ class AsyncVms:
 
     async def snapshot(self, name: str, path: str) -> Operation:
         return await self._client._run(_calls.snapshot(name, path))
+
+    async def migrate(self, name: str, url: str, downtime: float = 0.3) -> Operation:
+        return await self._client._run(migrate_call(name, url, downtime))
 
     def console(self, name: str, open_timeout: float = 10.0) -> AsyncConsole:
         """``async with client.vms.console("web") as con: await con.send(b"ls\\n")``."""

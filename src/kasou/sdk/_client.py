@@ -11,18 +11,22 @@ import builtins
 import os
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import websockets.exceptions
 import websockets.sync.client
 
 from kasou.sdk import _calls
+from kasou.sdk._backups import Backups, migrate_call
 from kasou.sdk._calls import Call
 from kasou.sdk._endpoint import Endpoint, resolve, unavailable
 from kasou.sdk._errors import error_for
 from kasou.sdk._sse import SseParser, event_from
 from kasou.spec import Event, ExecResult, Operation, VmInfo, VmSpec
+
+if TYPE_CHECKING:
+    from kasou.sdk._exec import ExecStream
 
 __all__ = ["Client", "Console", "EventStream", "Files", "Vms"]
 
@@ -63,6 +67,7 @@ class Client:
             verify=verify,
         )
         self.vms = Vms(self)
+        self.backups = Backups(self)
         self.files = self.vms.files
 
     def __enter__(self) -> Client:
@@ -188,6 +193,16 @@ class Vms:
         """Run ``argv`` in the guest (through its agent) and return its status and output."""
         return self._client._run(_calls.exec_(name, argv, stdin, timeout))
 
+    def exec_stream(
+        self, name: str, argv: builtins.list[str], stdin: str = "", timeout: float = 60.0
+    ) -> ExecStream:
+        """Run ``argv`` in the guest and read its output as it comes: ``with
+        client.vms.exec_stream(name, argv) as run: for chunk in run: ...``, then
+        ``run.exit_code``."""
+        from kasou.sdk._exec import ExecStream
+
+        return ExecStream(self._client, name, argv, stdin, timeout)
+
     def logs(self, name: str, tail: int | None = None) -> str:
         """The console log, or its last ``tail`` bytes."""
         return self._client._run(_calls.logs(name, tail))
@@ -200,6 +215,11 @@ class Vms:
         """Start a snapshot of the VM into folder ``path``; follow it with
         ``client.operation(op.id)``."""
         return self._client._run(_calls.snapshot(name, path))
+
+    def migrate(self, name: str, url: str, downtime: float = 0.3) -> Operation:
+        """Start sending the running VM to ``url``, where ``kasou run --incoming`` (or a VM
+        with ``incoming``) listens; the operation's progress is the share of memory sent."""
+        return self._client._run(migrate_call(name, url, downtime))
 
     def console(self, name: str, open_timeout: float = 10.0) -> Console:
         """The VM's serial console, both ways: ``with client.vms.console("web") as con:``."""

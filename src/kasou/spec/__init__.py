@@ -19,16 +19,22 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "NAME_PATTERN",
     "PROBLEM_BASE",
+    "Backup",
+    "BackupPolicy",
+    "BackupSchedule",
     "DesiredState",
     "Event",
     "ExecRequest",
     "ExecResult",
     "Limits",
+    "MigrateRequest",
     "Operation",
     "OperationState",
     "Problem",
     "ProblemType",
     "RestartPolicy",
+    "RestoreRequest",
+    "Retention",
     "VmInfo",
     "VmSpec",
     "VmState",
@@ -110,6 +116,9 @@ class VmSpec(_Strict):
     # overlay disks, MAC and vsock, ``kasou run --clone``).
     restore: str | None = None
     clone: bool = False
+    # A VM that arrives by live migration (``kasou run --incoming URL``): it waits on ``URL``
+    # (``unix:PATH`` or ``tcp://HOST:PORT``) for a ``kasou migrate`` and runs what comes.
+    incoming: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
 
 
 class VmUpdate(_Strict):
@@ -205,3 +214,56 @@ class Operation(BaseModel):
     ended_at: float | None = None
     result: dict[str, Any] | None = None
     error: Problem | None = None
+
+
+class Retention(_Strict):
+    """Which backups of a VM to keep after each new one (None or 0: that rule keeps none).
+    A backup stays if any rule keeps it: the newest ``keep_last``, the newest of each of the
+    last ``keep_daily`` days that have backups, the newest of each of the last
+    ``keep_weekly`` ISO weeks that have backups (days and weeks in the host's local time)."""
+
+    keep_last: Annotated[int, Field(ge=0, le=100000)] | None = None
+    keep_daily: Annotated[int, Field(ge=0, le=100000)] | None = None
+    keep_weekly: Annotated[int, Field(ge=0, le=100000)] | None = None
+
+
+class BackupSchedule(_Strict):
+    """When the daemon backs a VM up by itself: every ``every`` seconds, or each day at
+    ``daily_at`` (``HH:MM``, the host's local time). One of the two."""
+
+    every: Annotated[float, Field(ge=1, le=366 * 86400)] | None = None
+    daily_at: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] | None = None
+
+
+class BackupPolicy(_Strict):
+    """A VM's backup schedule and retention; None: no schedule / keep every backup."""
+
+    schedule: BackupSchedule | None = None
+    retention: Retention | None = None
+
+
+class Backup(BaseModel):
+    """One backup of a VM: a full snapshot (and copies of its writable disks) under the
+    daemon's state folder, checked against the checksums written with it."""
+
+    id: str
+    vm: str
+    created: float  # Unix time
+    size: int  # bytes allocated on the host's disk
+    scheduled: bool = False  # made by the schedule, not asked for
+
+
+class RestoreRequest(_Strict):
+    """``POST .../backups/{id}/restore``: into a new VM ``name``, or (None) into the VM the
+    backup was made of, which is stopped and brought back as it was at the backup."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    start: bool = True
+
+
+class MigrateRequest(_Strict):
+    """``POST .../migrate``: send the running VM to ``url``, where a ``kasou run
+    --incoming`` (or a VM with ``incoming``) listens; ``downtime`` is the pause aimed at."""
+
+    url: Annotated[str, Field(min_length=1, max_length=4096)]
+    downtime: Annotated[float, Field(gt=0, le=60)] = 0.3

@@ -150,6 +150,8 @@ class Vcpu:
         self._commands: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.exits = 0  # exits to user space, for status and benchmarks
+        self.io_exits = 0  # of which port I/O
+        self.mmio_exits = 0  # of which MMIO
         # Run first on the vCPU thread, once it is named (a seccomp filter's installation).
         self.on_start: Callable[[], None] | None = None
 
@@ -255,6 +257,7 @@ class Vcpu:
                 self.exits += 1
                 reason = exit_reason[0]
                 if reason == exit_io:
+                    self.io_exits += 1
                     out, size, port, count, offset = unpack_io(page, union)
                     if count == 1:
                         data = view[offset : offset + size]
@@ -271,6 +274,7 @@ class Vcpu:
                             elif not pio.read(port, data):
                                 data[:] = b"\xff" * size
                 elif reason == exit_mmio:
+                    self.mmio_exits += 1
                     address, _, length, is_write = unpack_mmio(page, union)
                     data = mmio_data[:length] if 0 < length <= 8 else mmio_data[:0]
                     if is_write:

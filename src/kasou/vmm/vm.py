@@ -197,6 +197,12 @@ class Vm:
                 vcpu.join(COMMAND_TIMEOUT)
         return self._ending
 
+    def _exits_by_reason(self) -> dict[str, int]:
+        io = sum(vcpu.io_exits for vcpu in self.vcpus)
+        mmio = sum(vcpu.mmio_exits for vcpu in self.vcpus)
+        total = sum(vcpu.exits for vcpu in self.vcpus)
+        return {"io": io, "mmio": mmio, "other": total - io - mmio}
+
     def status(self) -> dict[str, Any]:
         """What ``kasou status`` shows."""
         ending = self._ending
@@ -205,6 +211,8 @@ class Vm:
             "vcpus": len(self.vcpus),
             "memory": self.memory.size,
             "exits": sum(vcpu.exits for vcpu in self.vcpus),
+            # Exits to user space by reason; what KVM handles in the kernel is not counted.
+            "exits_by_reason": self._exits_by_reason(),
             "ending": None
             if ending is None
             else {"kind": ending.kind.value, "reason": ending.reason},

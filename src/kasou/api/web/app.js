@@ -380,9 +380,85 @@ function select(name) {
   $("#delete").textContent = "Delete";
   delete $("#delete").dataset.armed;
   $("#snapshot-status").textContent = "";
+  $("#restore-status").textContent = "";
   renderVms();
   openConsole(name);
+  loadBackups(name);
 }
+
+// The restore list: the selected VM's backups (newest first), then the snapshot folder typed
+// in the snapshot form. Restoring makes a new VM (a clone) and starts it.
+async function loadBackups(name) {
+  const list = $("#restore-source");
+  list.replaceChildren();
+  if (name === null) return;
+  let backups = [];
+  try {
+    backups = await api("GET", `/v1/vms/${encodeURIComponent(name)}/backups`);
+  } catch {
+    backups = []; // no backups to offer; the snapshot choice stays
+  }
+  if (name !== selected) return;
+  for (const backup of backups.reverse()) {
+    const option = document.createElement("option");
+    option.value = `backup:${backup.id}`;
+    const when = new Date(backup.created * 1000).toLocaleString();
+    option.textContent = `backup ${when} (${bytes(backup.size)})`;
+    list.append(option);
+  }
+  const snapshot = document.createElement("option");
+  snapshot.value = "snapshot";
+  snapshot.textContent = "the snapshot folder above";
+  list.append(snapshot);
+}
+
+async function follow(op, status, what) {
+  while (op.state === "running") {
+    status.textContent = `${what}: ${Math.round(op.progress * 100)} %`;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    op = await api("GET", `/v1/operations/${encodeURIComponent(op.id)}`);
+  }
+  if (op.state === "failed") {
+    status.textContent = `${what} failed`;
+    throw new ApiError(op.error ?? { title: `the ${what} failed` });
+  }
+  return op;
+}
+
+$("#backup-now").addEventListener("click", () => {
+  const name = selected;
+  const status = $("#restore-status");
+  attempt(async () => {
+    const op = await api("POST", `/v1/vms/${encodeURIComponent(name)}/backups`);
+    const done = await follow(op, status, "backup");
+    status.textContent = `backup ${done.result?.id ?? ""} made`;
+    await loadBackups(name);
+  });
+});
+
+$("#restore-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const status = $("#restore-status");
+  const source = form.elements.source.value;
+  const target = form.elements.name.value;
+  const name = selected;
+  attempt(async () => {
+    status.textContent = `restoring into ${target}`;
+    let vm;
+    if (source.startsWith("backup:")) {
+      const id = encodeURIComponent(source.slice("backup:".length));
+      vm = await api("POST", `/v1/vms/${encodeURIComponent(name)}/backups/${id}/restore`, {
+        name: target,
+      });
+    } else {
+      const path = $("#snapshot-form").elements.path.value;
+      vm = await api("POST", "/v1/vms?start=true", { name: target, restore: path, clone: true });
+    }
+    status.textContent = `${vm.name} ${vm.state}`;
+    await refreshSoon();
+  });
+});
 
 for (const button of document.querySelectorAll("button[data-action]")) {
   button.addEventListener("click", () =>

@@ -1,0 +1,125 @@
+"""The warm template (kasou.cli.template, driven through kasou.daemon._template): each VM
+is a spare process forked before its request, whose seccomp filters were started ahead of
+its VM; what it reports lands in that VM's own log, and spares do not outlive the template."""
+
+from __future__ import annotations
+
+import os
+import select
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kasou.client.control import ControlClient
+from kasou.daemon import _template
+from kasou.daemon._template import Template
+from kasou.errors import KasouError
+from kasou.guestkit import cmdline
+
+from .conftest import wait_gone
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))  # short: socket paths
+    yield path
+    for entry in sorted(path.rglob("*"), reverse=True):
+        entry.rmdir() if entry.is_dir() else entry.unlink()
+    path.rmdir()
+
+
+def _argv(elf: Path, vm: Path) -> list[str]:
+    return [
+        "--memory",
+        "64M",
+        "--kernel",
+        str(elf),
+        "--cmdline",
+        f"console=ttyS0 {cmdline('wait')}",
+        "--api-sock",
+        str(vm / "api.sock"),
+        "--console",
+        f"sock:{vm / 'console.sock'},log={vm / 'console.log'}",
+    ]
+
+
+def _status(sock: Path, timeout: float = 30.0) -> dict[str, Any]:
+    """The VM's ``status`` once its control socket answers (it makes it a few ms in)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with ControlClient(sock, timeout=5.0) as client:
+                return client.request("status")
+        except (OSError, KasouError):
+            if time.monotonic() > deadline:
+                raise
+        select.select([], [], [], 0.005)  # a poll interval, not a wait for an outcome
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_forbidden_call_is_reported_in_the_vms_own_log(
+    folder: Path, guest_elf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The template passes its environment on: the first vCPU thread calls getppid.
+    monkeypatch.setenv("KASOU_TEST_HOOKS", "1")
+    monkeypatch.setenv("KASOU_SECCOMP_PROBE", "vcpu")
+    template = Template(folder / "template.log")
+    vm = folder / "vm"
+    vm.mkdir()
+    try:
+        pid = template.spawn(_argv(guest_elf, vm), vm)
+        wait_gone(pid, timeout=30)
+    finally:
+        template.close()
+    log = (vm / "stderr.log").read_text()
+    assert "made a forbidden system call: getppid (110); stopping" in log, log
+    assert "forbidden" not in (folder / "template.log").read_text()
+    assert not (vm / "exit").exists()  # killed by the reporter: it wrote no status
+
+
+def test_each_vm_is_its_own_process_in_its_own_folder(folder: Path, guest_elf: Path) -> None:
+    template = Template(folder / "template.log")
+    pids = []
+    try:
+        for index in range(3):
+            vm = folder / f"vm{index}"
+            vm.mkdir()
+            pids.append(template.spawn(_argv(guest_elf, vm), vm))
+            # A spare becomes the VM whose request it gets, in that VM's folder.
+            assert _status(vm / "api.sock")["state"] in ("booting", "running")
+            assert os.readlink(f"/proc/{pids[-1]}/cwd") == str(vm)
+        assert len(set(pids)) == 3
+    finally:
+        template.close()
+        for pid in pids:
+            os.kill(pid, 9)
+            wait_gone(pid)
+
+
+def test_an_unused_spare_ends_with_the_template(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reaped: list[int] = []
+    reap = _template._reap
+
+    def record(pid: int) -> None:
+        reaped.append(pid)
+        reap(pid)
+
+    monkeypatch.setattr(_template, "_reap", record)
+    template = Template(folder / "template.log")
+    template.start()  # its first spare is forked before it says it is ready
+    template.close()
+    assert len(reaped) == 1
+    assert not _alive(reaped[0])
