@@ -87,7 +87,7 @@ def test_vm_lifecycle(kasoud: Kasoud) -> None:
     metrics = api.get("/metrics")
     assert metrics.status_code == 200
     assert 'kasou_vm_cpu_seconds_total{vm="web"}' in metrics.text
-    assert 'kasou_vm_exits_total{vm="web",reason="io"}' in metrics.text  # its console lines
+    assert 'kasou_vm_exits_total{reason="io",vm="web"}' in metrics.text  # its console lines
     assert 'kasou_host_vms{state="running"} 1.0' in metrics.text
 
     history = api.get("/v1/events/log", params={"vm": "web"}).json()

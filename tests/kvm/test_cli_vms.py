@@ -94,6 +94,9 @@ def test_a_vm_from_create_to_rm(kasoud: Kasoud) -> None:
     assert json.loads(ok(kasoud, "inspect", "g1"))["spec"]["memory"] == "64M"
     frame = ok(kasoud, "top", "--once")
     assert "g1" in frame and "running" in frame
+    figures = json.loads(ok(kasoud, "top", "--json"))["g1"]
+    assert figures["state"] == "running"
+    assert figures["kasou_vm_cpu_seconds_total"] > 0 and figures["kasou_vm_memory_rss_bytes"] > 0
 
     assert ok(kasoud, "stop", "g1").split() == ["g1", "stopped"]
     lines = ok(kasoud, "events", "--since", "0", "--no-follow", "--json").splitlines()

@@ -87,7 +87,12 @@ def test_a_forbidden_call_is_named_and_kills_kasou(guest_elf: Path, role: str, t
 def test_every_thread_and_the_reporter_run_filtered(guest_elf: Path, tmp_path: Path) -> None:
     sock = tmp_path / "api.sock"
     with _running(guest_elf, sock, "--rng", "--disk", _disk(tmp_path, "a.raw")) as process:
-        modes = _seccomp_modes(process.pid)
+        # The main thread finishes its setup (and installs its filter) a moment after the
+        # vCPUs run and the control socket answers.
+        deadline = time.monotonic() + 10
+        while set((modes := _seccomp_modes(process.pid)).values()) != {"2"}:
+            assert time.monotonic() < deadline, modes
+            time.sleep(0.01)  # another process's setup, bounded
         assert {name.split("/")[0] for name in modes} >= {
             "kasou", "kasou-seccomp", "kasou-vcpu0", "kasou-kasou-eve", "kasou-kasou-vir",
             "kasou-block0",

@@ -11,17 +11,22 @@ time to the first guest instruction.
 
 Ahead of each request (request -> first KVM_RUN is the figure that counts), the template
 keeps a *spare*: the next VM's process, forked before it is asked for (``_REFILL_DELAY``
-after the last one became a VM, so as not to slow that VM's start; at once if a request
-comes sooner). Each spare is
+after the last one became a VM: a few ms, so that VM's build has begun, and so that a spare
+is ready for a request that follows soon; at once if a request comes sooner). Each spare is
 double-forked: the middle child forks it and exits at once, so it is nobody's child here but
 is re-parented to the daemon (a child subreaper, prctl(2) PR_SET_CHILD_SUBREAPER) while the
-daemon lives, and to init after. While it waits it does what no VM's settings decide: setsid(2)
-(it survives the daemon's death and no terminal signal reaches it), stdin from /dev/null,
-every fd but its socket to the template closed, the signal handlers and mask of a fresh
-Python, and its seccomp filters' reporter and spawner started (``Seccomp.start``; the
-programs were compiled here once, ``Seccomp.prepare(precompile=True)``). A request turns it
-into that VM: the working folder is its folder, stdout and stderr (and the seccomp reports)
-go to ``stderr.log``, then ``kasou run``'s parser (built here once) and
+daemon lives, and to init after. While it waits it does what no VM's settings decide:
+setsid(2) (it survives the daemon's death and no terminal signal reaches it), stdin from
+/dev/null, every fd but its socket to the template closed, the signal handlers and mask of a
+fresh Python, and its seccomp filters' reporter and spawner started (``Seccomp.start``; the
+programs were compiled here once, ``Seccomp.prepare(precompile=True)``). A spare forked
+ahead then gets the VM's build ready, guessing the VM is like the last one
+(``kasou.vmm.builder.prepare``: the KVM VM made, with the last VM's guest RAM size, its
+irqchip and PIT, and its kernel read ahead; a VM unlike the guess builds its own). The
+template rehearsed a build once (``builder.rehearse``), so what every build makes alike
+(CPUID, page tables, first calls) is made for all. A request turns it into that VM: the
+working folder is its folder, stdout and stderr (and the seccomp reports) go to
+``stderr.log``, then ``kasou run``'s parser (built here once) and
 ``kasou.cli.fastrun.run_vm`` run, and its exit status is written to ``exit`` (atomically:
 ``exit.tmp`` renamed) before ``os._exit``. A VM that leaves no ``exit`` was killed. A spare
 whose template ends (its socket closes) ends too. A request that may ask for a jail gets a
@@ -44,7 +49,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from kasou._sys.libc import set_thread_name
 
@@ -55,17 +60,19 @@ __all__ = ["main"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _MAX_REQUEST = 1 << 20
-_REFILL_DELAY = 0.03  # seconds after a launch before the next spare is forked
+_REFILL_DELAY = 0.005  # seconds after a launch before the next spare is forked
 
 
-def _preload() -> Callable[[list[str]], int]:
+def _preload() -> tuple[Callable[[list[str]], int], Callable[[list[str]], _Guess]]:
     """Import what ``kasou run`` imports for a guest-kit VM and the default guest, and make
-    what every VM would otherwise make again; return ``kasou run`` for the VMs to call."""
+    what every VM would otherwise make again; return ``kasou run`` for the VMs to call, and
+    what reads the guest RAM size and kernel from its arguments."""
     import encodings.ascii  # noqa: F401  (a codec looked up by name: imported on first use)
 
     import kasou.cli.fastrun
     import kasou.client.control
     import kasou.devices.virtio
+    import kasou.errors
     import kasou.image
     import kasou.resources
     import kasou.vmm.agent
@@ -83,12 +90,46 @@ def _preload() -> Callable[[list[str]], int]:
     except SeccompError:
         pass  # each VM reports it when it starts its filters
     parse = kasou.cli.fastrun.parser()  # argparse's, built once: ~2 ms a VM saves
+    with contextlib.suppress(kasou.errors.KasouError, OSError):  # each VM reports it
+        # What every build makes alike, made once for all (its KVM VM closed again: a KVM
+        # VM is its maker's process's).
+        kasou.vmm.builder.rehearse()
 
     def run(argv: list[str]) -> int:
         # kasou.cli.fastrun.run_command, with the parser built above.
         return kasou.cli.fastrun.run_vm(vars(parse.parse_args(argv)))
 
-    return run
+    def guess(argv: list[str]) -> _Guess:
+        from kasou.memory import parse_size
+
+        if not argv:  # no VM yet: nothing to go by
+            return _Guess(None, None)
+        try:
+            options = vars(parse.parse_known_args(argv)[0])
+            kernel = options.get("kernel")
+            return _Guess(parse_size(str(options["memory"])), str(kernel) if kernel else None)
+        except (ValueError, KeyError, SystemExit):
+            return _Guess(None, None)
+
+    return run, guess
+
+
+class _Guess(NamedTuple):
+    """What the next VM likely has, as the last one did (None: not known)."""
+
+    memory: int | None
+    kernel: str | None
+
+
+def _prepare_vm(guess: _Guess) -> None:
+    """The next VM's KVM VM made, with the guest RAM and the kernel it likely has
+    (``kasou.vmm.builder.prepare``). No build is rehearsed here: that would take the CPU
+    from the VM just launched (measured: a slower start for both, on two cores)."""
+    from kasou.errors import KasouError
+    from kasou.vmm.builder import prepare
+
+    with contextlib.suppress(KasouError, OSError):  # the VM's own build reports it
+        prepare(memory=guess.memory, kernel=guess.kernel)
 
 
 def _die_with(parent: int) -> None:
@@ -143,12 +184,16 @@ def _become_vm(
 
 
 def _wait_for_request(
-    run: Callable[[list[str]], int], channel: socket.socket, seccomp: bool
+    run: Callable[[list[str]], int],
+    channel: socket.socket,
+    seccomp: bool,
+    ahead: Callable[[], _Guess] | None,
 ) -> NoReturn:
     """The spare's life until its request: what does not depend on the VM is done first
     (with ``seccomp``, the filters' reporter and spawner: ``Seccomp.start``, which ``kasou
-    run`` then finds started), then it waits; it ends if the template's end of ``channel``
-    closes first."""
+    run`` then finds started; with ``ahead`` as well, the KVM VM made, with the guest RAM
+    and kernel ``ahead()`` guesses, unless the request is there already), then it waits;
+    it ends if the template's end of ``channel`` closes first."""
     guard = None
     try:
         mine = channel.fileno()
@@ -168,6 +213,10 @@ def _wait_for_request(
 
             with contextlib.suppress(SeccompError):  # kasou run tries again, and reports it
                 guard = Seccomp.start()
+        if seccomp and ahead is not None and not select.select([channel], [], [], 0)[0]:
+            # After the filters' reporter was forked (it holds no KVM VM); not for a jailed
+            # VMM, which opens /dev/kvm inside its jail.
+            _prepare_vm(ahead())
         request = channel.recv(_MAX_REQUEST)
         if not request:  # the template ended
             if guard is not None:
@@ -184,7 +233,12 @@ def _wait_for_request(
 class _Spare:
     """The next VM's process, forked (twice) before its request: see the module docstring."""
 
-    def __init__(self, run: Callable[[list[str]], int], seccomp: bool = True) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[str]], int],
+        seccomp: bool = True,
+        ahead: Callable[[], _Guess] | None = None,
+    ) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         read_end, write_end = os.pipe()
         try:
@@ -202,7 +256,7 @@ class _Spare:
                 spare = os.fork()
                 if spare == 0:
                     os.close(write_end)
-                    _wait_for_request(run, theirs, seccomp)
+                    _wait_for_request(run, theirs, seccomp, ahead)
                 os.write(write_end, str(spare).encode())
             finally:
                 os._exit(0)
@@ -232,9 +286,13 @@ class _Spare:
 class _Spares:
     """One spare kept ready; ``launch`` hands it a request, ``refill`` forks the next."""
 
-    def __init__(self, run: Callable[[list[str]], int]) -> None:
+    def __init__(
+        self, run: Callable[[list[str]], int], guess: Callable[[list[str]], _Guess]
+    ) -> None:
         self._run = run
+        self._guess = guess
         self._next: _Spare | None = None
+        self._last: list[str] = []  # the last VM's arguments: the next is likely alike
 
     @property
     def pid(self) -> int | None:
@@ -243,12 +301,16 @@ class _Spares:
     def refill(self) -> None:
         if self._next is None:
             try:
-                self._next = _Spare(self._run)
+                # Forked ahead of its request: it has time to get the VM's build ready,
+                # guessing the guest RAM and kernel are the last VM's (it reads them itself).
+                last = self._last
+                self._next = _Spare(self._run, ahead=lambda: self._guess(last))
             except OSError as error:  # the next request tries again, and reports it
                 sys.stderr.write(f"kasou template: cannot fork a spare VM process: {error}\n")
 
     def launch(self, argv: list[str], directory: str) -> int:
         """The pid of the process that now becomes the VM."""
+        self._last = argv
         if _may_jail(argv):
             spare = _Spare(self._run, seccomp=False)
             try:
@@ -296,7 +358,7 @@ def main(args: list[str] | None = None) -> int:
     channel = socket.socket(fileno=int(words[0]))
     _die_with(int(words[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the daemon's group is its to handle
-    spares = _Spares(_preload())
+    spares = _Spares(*_preload())
     gc.collect()
     gc.freeze()  # keep the collector off the pages the VMs share with the template
     spares.refill()

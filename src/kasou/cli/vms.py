@@ -517,6 +517,9 @@ def _size(value: float | None) -> str:
 def top(
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between frames.")] = 1.0,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One frame as JSON: each VM's metrics by name.")
+    ] = False,
     host: HostOption = None,
 ) -> None:
     """A live table of the running VMs: CPU, memory (RSS, PSS, guest RAM), restarts."""
@@ -555,6 +558,13 @@ def top(
 
     out = Console()
     with _connected(host) as client:
+        if json_output:
+            vms = [vm for vm in client.vms.list() if vm.state.value not in _QUIET_STATES]
+            samples = _vm_samples(client.metrics())
+            frame_json = {vm.name: {"state": vm.state.value, **samples.get(vm.name, {})}
+                          for vm in vms}  # fmt: skip
+            typer.echo(json.dumps(frame_json, indent=2, sort_keys=True))
+            return
         if once:
             out.print(frame(client))
             return

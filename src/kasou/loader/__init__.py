@@ -22,6 +22,7 @@ header; an x86-64 ELF whose Multiboot entry is its ``e_entry`` has 32-bit code t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -68,6 +69,7 @@ __all__ = [
     "kernel_format",
     "load_initrd",
     "load_kernel",
+    "read_ahead",
     "write_cmdline",
 ]
 
@@ -112,7 +114,8 @@ def load_kernel(memory: GuestMemory, path: Path, *, extract: bool = False) -> Lo
     booted like any vmlinux (for hosts where the bzImage's decompressor cannot run). A
     Multiboot kernel's modules and information are the caller's (``multiboot.py``).
     """
-    data = _read(path)
+    ahead = _take_ahead(path, extract)
+    data = _read(path) if ahead is None else ahead[0]
     name = f"kernel {path}"
     kind = _kind(data)
     if kind == "multiboot":
@@ -120,8 +123,52 @@ def load_kernel(memory: GuestMemory, path: Path, *, extract: bool = False) -> Lo
     if kind == "elf":
         return _load_elf(memory, data, name)
     if extract:
-        return _load_elf(memory, extract_vmlinux(data, name), name)
+        vmlinux = ahead[1] if ahead is not None and ahead[1] is not None else None
+        return _load_elf(memory, vmlinux or extract_vmlinux(data, name), name)
     return _load_bzimage(memory, data, name)
+
+
+# What ``read_ahead`` read: the file's identity, whether it was for an ``extract`` load, its
+# bytes and (a bzImage for an ``extract`` load) the vmlinux in it.
+_ahead: tuple[tuple[int, int, int, int], bool, bytes, bytes | None] | None = None
+
+
+def read_ahead(path: Path, *, extract: bool = False) -> None:
+    """Read the kernel at ``path`` now (and, with ``extract``, take the vmlinux out of a
+    bzImage), for this process's next ``load_kernel`` of it with the same ``extract``, which
+    uses it if the file has not changed since (device, inode, size, mtime) and reads it
+    otherwise: for a VMM started ahead of its VM (``kasou.cli.template``). What is wrong
+    with the file is left for that load to report."""
+    global _ahead
+    _ahead = None
+    try:
+        identity = _identity(path)
+        data = _read(path)
+        vmlinux = None
+        if extract and _kind(data) == "bzimage":
+            vmlinux = extract_vmlinux(data, f"kernel {path}")
+    except (OSError, ImageError):
+        return
+    _ahead = (identity, extract, data, vmlinux)
+
+
+def _take_ahead(path: Path, extract: bool) -> tuple[bytes, bytes | None] | None:
+    """What ``read_ahead`` read, once, if it is this unchanged file's."""
+    global _ahead
+    ahead, _ahead = _ahead, None
+    if ahead is None or ahead[1] != extract:
+        return None
+    try:
+        if _identity(path) != ahead[0]:
+            return None
+    except OSError:
+        return None
+    return ahead[2], ahead[3]
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _kind(data: bytes) -> KernelKind:

@@ -6,6 +6,14 @@ legacy devices on the buses with their interrupt lines, and the vCPUs in the sta
 64-bit boot protocol asks for (Documentation/arch/x86/boot.rst), or, for a Multiboot kernel,
 the 32-bit protected-mode state of Multiboot 0.6.96 §3.2. Anything that fails half way
 releases what was already made.
+
+``prepare`` does ahead, in a process that will build one VM but does not know which yet (the
+warm template's spare, ``cli/template.py``), what no config decides: /dev/kvm opened and
+checked, the KVM VM created with its TSS and identity-map pages (a KVM VM belongs to the
+process that created it, so this is done in the process that runs it), the host's supported
+CPUID read, and a rehearsal build of a throw-away VM, so that the first build's one-time
+costs (copy-on-write faults on a forked process's pages, first calls) are paid before its
+request comes. The next ``build_vm`` in that process takes the VM made ready.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import ctypes
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from kasou.arch.x86_64 import acpi, gdt, layout, mptable, msrs, paging
 from kasou.arch.x86_64 import cpuid as arch_cpuid
@@ -37,7 +46,7 @@ from kasou.errors import ConfigError, HostError, KasouError
 from kasou.kvm import Kvm, VcpuFd, VmFd
 from kasou.kvm import bindings as b
 from kasou.kvm.host import Backend, backend
-from kasou.loader import LoadedKernel, load_initrd, load_kernel, multiboot
+from kasou.loader import LoadedKernel, load_initrd, load_kernel, multiboot, read_ahead
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
 from kasou.vmm.config import DiskConfig, NetConfig, VirtioConsoleConfig, VmConfig, VsockConfig
@@ -56,6 +65,8 @@ __all__ = [
     "IrqLine",
     "VirtioSlot",
     "build_vm",
+    "prepare",
+    "rehearse",
     "virtio_plan",
 ]
 
@@ -133,25 +144,116 @@ def build_vm(
     With ``restore`` the VM is the one saved there (``vmm/snapshot.py``): its RAM is mapped
     from the snapshot's memory file (or left empty for a migration to fill), nothing is
     loaded, and every device and vCPU is put back in its saved state."""
+    made = _take_ready(kvm_path, config, restore)
+    return _build(config, console_output, agent, extra_devices, made, restore, _load_guest)
+
+
+class _Made(NamedTuple):
+    """/dev/kvm and a KVM VM; with ``memory``, its guest RAM in its slots and its irqchip
+    and PIT made as well."""
+
+    kvm: Kvm
+    vm_fd: VmFd
+    memory: GuestMemory | None = None
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+        self.vm_fd.close()
+        self.kvm.close()
+
+
+_ready: tuple[str, _Made] | None = None  # prepare's VM, for a build_vm of that path
+# KVM_GET_SUPPORTED_CPUID's answer: the host's, the same for every VM (read once a process;
+# the template's forks inherit it).
+_host_cpuid: list[arch_cpuid.CpuidEntry] | None = None
+_REHEARSAL_MEMORY = 16 << 20  # the least VmConfig takes
+
+
+def prepare(
+    kvm_path: str = "/dev/kvm", memory: int | None = None, kernel: str | None = None
+) -> None:
+    """Get the next ``build_vm`` of ``kvm_path`` in this process ready (see the module
+    docstring): a KVM VM is made and kept for it, with ``memory`` bytes of guest RAM (a
+    guess: a build for another size or a restore makes its own VM), its irqchip and PIT,
+    and the file ``kernel`` read ahead (``kasou.loader.read_ahead``; another is read then).
+    Raises ``KasouError`` (a ``HostError`` for a host without usable KVM) or ``OSError``:
+    the caller may ignore it, and ``build_vm`` reports it."""
+    global _ready
+    if _ready is not None:
+        return
+    made = _new_vm(kvm_path)
+    if memory is not None:
+        try:
+            made = made._replace(memory=_add_memory(made.vm_fd, memory, "anonymous", False))
+        except BaseException:
+            made.close()
+            raise
+    _ready = (kvm_path, made)
+    if kernel is not None:
+        read_ahead(Path(kernel), extract=backend() is Backend.PVM)
+
+
+def host_cpuid(kvm: Kvm) -> list[arch_cpuid.CpuidEntry]:
+    """The CPUID leaves this host's KVM supports (read once a process)."""
+    global _host_cpuid
+    if _host_cpuid is None:
+        _host_cpuid = [
+            arch_cpuid.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in kvm.get_supported_cpuid()
+        ]
+    return _host_cpuid
+
+
+def _take_ready(kvm_path: str, config: VmConfig, restore: MachineImage | None) -> _Made:
+    """The VM ``prepare`` made (once) if it fits this build, else a new one."""
+    global _ready
+    ready, _ready = _ready, None
+    if ready is not None:
+        path, made = ready
+        fits = made.memory is None or (
+            restore is None
+            and made.memory.size == config.memory
+            and config.memory_backing == "anonymous"
+            and not config.hugepages
+        )
+        if path == kvm_path and fits:
+            return made
+        made.close()
+    return _new_vm(kvm_path)
+
+
+def _new_vm(kvm_path: str) -> _Made:
+    """/dev/kvm opened and checked, and a KVM VM with its TSS and identity-map pages."""
     with contextlib.ExitStack() as cleanup:
         kvm = Kvm(kvm_path)
         cleanup.callback(kvm.close)
         kvm.require_all()
-        config.check_host(kvm.max_vcpus())
-
         vm_fd = kvm.create_vm()
         cleanup.callback(vm_fd.close)
         vm_fd.set_tss_addr(TSS_ADDRESS)
         vm_fd.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+        host_cpuid(kvm)
+        cleanup.pop_all()
+    return _Made(kvm, vm_fd)
 
-        ram = layout.ram_layout(config.memory)
-        if restore is not None and restore.memory is not None:
-            memory = restore.memory
-        elif restore is not None and restore.memory_file is not None:
-            memory = GuestMemory.from_file(ram, restore.memory_file, hugepages=config.hugepages)
-        else:
-            memory = GuestMemory.create(ram, config.memory_backing, config.hugepages)
-        cleanup.callback(memory.close)
+
+def _add_memory(
+    vm_fd: VmFd,
+    size: int,
+    backing: Literal["anonymous", "memfd"],
+    hugepages: bool,
+    restore: MachineImage | None = None,
+) -> GuestMemory:
+    """Guest RAM (new, or a restore's) in the VM's memory slots, then its irqchip and PIT."""
+    ram = layout.ram_layout(size)
+    if restore is not None and restore.memory is not None:
+        memory = restore.memory
+    elif restore is not None and restore.memory_file is not None:
+        memory = GuestMemory.from_file(ram, restore.memory_file, hugepages=hugepages)
+    else:
+        memory = GuestMemory.create(ram, backing, hugepages)
+    try:
         # The memory slots before the irqchip, which the KVM API allows in either order
         # (Documentation/virt/kvm/api.rst): measured on this host, the first
         # KVM_SET_USER_MEMORY_REGION took 4-11 ms after KVM_CREATE_IRQCHIP, 0.1 ms before it.
@@ -159,6 +261,58 @@ def build_vm(
             vm_fd.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
         vm_fd.create_irqchip()
         vm_fd.create_pit2()
+    except BaseException:
+        memory.close()
+        raise
+    return memory
+
+
+def rehearse(kvm_path: str = "/dev/kvm") -> None:
+    """Build and close a VM with no kernel and no devices beyond the legacy ones: the code
+    paths and data of a build touched once, and what every VM's build makes alike (the
+    host's CPUID, each vCPU's, the page tables) made, in this process and for its forks.
+    Raises ``KasouError`` or ``OSError`` as ``build_vm`` would."""
+    config = VmConfig(
+        kernel=Path(os.devnull), memory=_REHEARSAL_MEMORY, seccomp=False, restoring=True
+    )
+    _build(config, lambda data: None, None, (), _new_vm(kvm_path), None, _rehearsal_load).close()
+
+
+def _rehearsal_load(
+    config: VmConfig,
+    memory: GuestMemory,
+    cmdline: str,
+    extract: bool,
+    tables: acpi.AcpiConfig | None = None,
+) -> int:
+    """``_load_guest`` without a kernel: the boot structures every Linux guest gets."""
+    write_cmdline(memory, layout.CMDLINE, cmdline, layout.CMDLINE_SIZE - 1)
+    mptable.write_mptable(memory, config.vcpus)
+    _write_acpi(memory, tables)
+    gdt.write_gdt(memory)
+    paging.write_identity_map(memory)
+    return layout.ZERO_PAGE  # never run
+
+
+def _build(
+    config: VmConfig,
+    console_output: Callable[[bytes], None],
+    agent: AgentLine | None,
+    extra_devices: Sequence[ExtraDevice],
+    made: _Made,
+    restore: MachineImage | None,
+    load: Callable[..., int | MultibootEntry],
+) -> Vm:
+    with contextlib.ExitStack() as cleanup:
+        kvm, vm_fd, memory = made
+        cleanup.callback(kvm.close)
+        cleanup.callback(vm_fd.close)
+        config.check_host(kvm.max_vcpus())
+        if memory is None:  # prepare made it otherwise, with the irqchip and PIT
+            memory = _add_memory(
+                vm_fd, config.memory, config.memory_backing, config.hugepages, restore
+            )
+        cleanup.callback(memory.close)
 
         # On PVM a bzImage's own decompressor loops on page faults (shared/ENVIRONMENT.md):
         # boot the vmlinux inside it instead, as the 64-bit protocol allows for any vmlinux.
@@ -168,9 +322,7 @@ def build_vm(
         tables = _acpi_config(config, len(plan), agent is not None) if config.acpi else None
         entry: int | MultibootEntry | None = None
         if restore is None:
-            entry = _load_guest(
-                config, memory, cmdline, extract=backend() is Backend.PVM, tables=tables
-            )
+            entry = load(config, memory, cmdline, extract=backend() is Backend.PVM, tables=tables)
 
         pio, mmio = Bus("pio"), Bus("mmio")
         vm = Vm(config, kvm, vm_fd, memory, pio, mmio, {}, cleanup.pop_all())
@@ -535,32 +687,11 @@ def _make_virtio_device(
 def _create_vcpus(vm: Vm, entry: int | MultibootEntry | None) -> None:
     """The vCPUs with their CPUID and boot MSRs; the boot vCPU in the state its boot
     protocol asks for (``entry``; ``None``: a restore sets every register afterwards)."""
-    supported = vm.kvm.get_supported_cpuid()
-    plain = [
-        arch_cpuid.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-        for e in supported
-    ]
+    plain = host_cpuid(vm.kvm)
     for index in range(vm.config.vcpus):
         fd = vm.vm_fd.create_vcpu(index)
         vm._cleanup.callback(fd.close)
-        tsc_khz = _tsc_khz(fd)
-        entries = arch_cpuid.guest_cpuid(
-            plain, vcpu_id=index, vcpus=vm.config.vcpus, tsc_khz=tsc_khz
-        )
-        fd.set_cpuid2(
-            [
-                b.KvmCpuidEntry2(
-                    function=e.function,
-                    index=e.index,
-                    flags=e.flags,
-                    eax=e.eax,
-                    ebx=e.ebx,
-                    ecx=e.ecx,
-                    edx=e.edx,
-                )
-                for e in entries
-            ]
-        )
+        fd.set_cpuid2(_guest_cpuid(plain, index, vm.config.vcpus, _tsc_khz(fd)))
         fd.set_msrs(msrs.boot_msrs())
         _set_lint(fd)
         if isinstance(entry, MultibootEntry):
@@ -569,6 +700,34 @@ def _create_vcpus(vm: Vm, entry: int | MultibootEntry | None) -> None:
         elif index == 0 and entry is not None:
             _set_boot_registers(fd, entry)
         vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, vm.end))
+
+
+# Each vCPU's CPUID by (vCPU, vCPUs, TSC kHz): the same for every VM of this host.
+_cpuid_made: dict[tuple[int, int, int | None], list[b.KvmCpuidEntry2]] = {}
+
+
+def _guest_cpuid(
+    supported: list[arch_cpuid.CpuidEntry], index: int, vcpus: int, tsc_khz: int | None
+) -> list[b.KvmCpuidEntry2]:
+    """vCPU ``index``'s CPUID for KVM_SET_CPUID2 (which copies the entries)."""
+    key = (index, vcpus, tsc_khz)
+    made = _cpuid_made.get(key)
+    if made is None:
+        entries = arch_cpuid.guest_cpuid(supported, vcpu_id=index, vcpus=vcpus, tsc_khz=tsc_khz)
+        made = [
+            b.KvmCpuidEntry2(
+                function=e.function,
+                index=e.index,
+                flags=e.flags,
+                eax=e.eax,
+                ebx=e.ebx,
+                ecx=e.ecx,
+                edx=e.edx,
+            )
+            for e in entries
+        ]
+        _cpuid_made[key] = made
+    return made
 
 
 def _tsc_khz(fd: VcpuFd) -> int | None:

@@ -10,6 +10,7 @@ the tables early; it does not read them back.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from kasou.arch.x86_64.layout import PAGE_TABLES_SIZE, PD, PDPT, PML4
@@ -77,6 +78,13 @@ def write_identity_map(memory: GuestMemory, size: int = IDENTITY_MAP_SIZE) -> in
             PDPT + 8 * directory, 8, (PD + directory * _PAGE) | PTE_PRESENT | PTE_WRITABLE
         )
     # The page directories are consecutive pages, so their entries form one array.
-    flags = PTE_PRESENT | PTE_WRITABLE | PTE_PS
-    memory.write(PD, struct.pack(f"<{pages}Q", *(page * _PAGE_2M | flags for page in range(pages))))
+    memory.write(PD, _directories(pages))
     return PML4
+
+
+@functools.lru_cache(maxsize=4)
+def _directories(pages: int) -> bytes:
+    """The page directories' entries for ``pages`` 2 MiB pages from 0 (made once a process:
+    the same for every VM)."""
+    flags = PTE_PRESENT | PTE_WRITABLE | PTE_PS
+    return struct.pack(f"<{pages}Q", *(page * _PAGE_2M | flags for page in range(pages)))
