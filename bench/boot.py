@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import qemu_peer
 from kasou.agent import protocol
 from kasou.cli.demo import launch_default_guest
 from kasou.client import ControlClient
@@ -136,15 +137,7 @@ def qemu_start(scratch: Path, vcpus: int) -> float:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if trace.exists():
-                for line in trace.read_text(errors="replace").splitlines():
-                    # "PID@SECONDS.MICROS:kvm_vcpu_ioctl cpu_index 0, type 0xae80, ..."
-                    if "type 0xae80," in line:
-                        return float(line.split("@", 1)[1].split(":", 1)[0]) - start
-            time.sleep(0.01)
-        raise RuntimeError("QEMU never entered KVM_RUN")
+        return qemu_peer.first_kvm_run_seconds(trace, start, TIMEOUT)
     finally:
         process.kill()
         process.wait()

@@ -133,15 +133,7 @@ def qemu_start(elf: Path, folder: Path) -> float:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if trace.exists():
-                for line in trace.read_text(errors="replace").splitlines():
-                    # "PID@SECONDS.MICROS:kvm_vcpu_ioctl cpu_index 0, type 0xae80, ..."
-                    if "type 0xae80," in line:
-                        return float(line.split("@", 1)[1].split(":", 1)[0]) - start
-            time.sleep(0.002)
-        raise RuntimeError("QEMU never entered KVM_RUN")
+        return qemu_peer.first_kvm_run_seconds(trace, start, TIMEOUT)
     finally:
         process.kill()
         process.wait()

@@ -321,6 +321,21 @@ class QemuGuest:
         self.close()
 
 
+def first_kvm_run_seconds(trace: Path, start: float, timeout: float) -> float:
+    """Seconds from ``start`` (time.time()) to QEMU's first KVM_RUN, read from the file its
+    ``-trace enable=kvm_vcpu_ioctl,file=TRACE`` writes (lines are stamped only with
+    ``-msg timestamp=on``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if trace.exists():
+            for line in trace.read_text(errors="replace").splitlines():
+                # "PID@SECONDS.MICROS:kvm_vcpu_ioctl cpu_index 0, type 0xae80, ..."
+                if "type 0xae80," in line:
+                    return float(line.split("@", 1)[1].split(":", 1)[0]) - start
+        time.sleep(0.002)  # QEMU writing its trace, bounded by the deadline
+    raise RuntimeError("QEMU never entered KVM_RUN")
+
+
 def run_guest(
     elf: Path,
     cmdline: str,
