@@ -136,6 +136,7 @@ class FakeDaemon:
                 guest_memory=256 << 20,
                 restarts=2,
                 exits={"io": 7},
+                kvm_exits={"all": 40, "halt": 1},
                 disk_bytes={"block0": {"read": 4096, "write": 512}},
             )
             for vm in self.vms.values()
@@ -322,6 +323,7 @@ def test_metrics(client: TestClient) -> None:
     assert 'kasou_vm_memory_pss_bytes{vm="web"}' in text
     assert 'kasou_vm_restarts_total{vm="web"} 2.0' in text
     assert 'kasou_vm_exits_total{reason="io",vm="web"} 7.0' in text
+    assert 'kasou_vm_kvm_exits_total{reason="halt",vm="web"} 1.0' in text
     assert 'kasou_vm_disk_bytes_total{device="block0",direction="read",vm="web"} 4096.0' in text
     assert 'kasou_host_vms{state="running"} 1.0' in text
     assert 'kasou_host_vms{state="created"} 1.0' in text

@@ -44,6 +44,8 @@ STRUCTS = {
     "KvmXcrs": "struct kvm_xcrs",
     "KvmDirtyLog": "struct kvm_dirty_log",
     "KvmEnableCap": "struct kvm_enable_cap",
+    "KvmStatsHeader": "struct kvm_stats_header",
+    "KvmStatsDesc": "struct kvm_stats_desc",
 }
 
 OFFSETS = {

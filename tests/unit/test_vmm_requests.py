@@ -164,3 +164,15 @@ def test_replies_encode_as_the_protocol_says() -> None:
         "ok": False,
         "error": {"type": "LifecycleError", "message": "cannot pause: the VM is paused"},
     }
+
+
+def test_a_snapshot_copies_the_scratch_disks_unless_asked_for_all() -> None:
+    plain = parse_request({"request": "snapshot", "path": "/s"})
+    every = parse_request({"request": "snapshot", "path": "/s", "disks": "all"})
+    assert plain.disks == "scratch" and every.disks == "all"
+
+
+@pytest.mark.parametrize("value", ["some", "", True, None, ["all"]])
+def test_a_snapshot_refuses_other_disk_choices(value: object) -> None:
+    with pytest.raises(ConfigError, match="disks"):
+        parse_request({"request": "snapshot", "path": "/s", "disks": value})

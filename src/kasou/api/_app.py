@@ -276,9 +276,7 @@ def _vm_routes(router: APIRouter, daemon: Daemon, operations: Operations) -> Non
     )
     def snapshot(name: Name, request: SnapshotRequest) -> Operation:
         daemon.get(name)
-        return operations.start(
-            "snapshot", name, lambda: daemon.request(name, "snapshot", path=request.path)
-        )
+        return operations.start("snapshot", name, lambda: daemon.snapshot(name, request.path))
 
     @router.get("/v1/operations/{id}", response_model=Operation, tags=["operations"])
     def get_operation(id: Annotated[str, PathParam(max_length=64)]) -> Operation:

@@ -67,7 +67,16 @@ def _vm_families(samples: list[VmMetrics]) -> list[Metric]:
         "kasou_vm_restarts", "Restarts by the VM's restart policy", labels=["vm"]
     )
     exits = CounterMetricFamily(
-        "kasou_vm_exits", "VM exits by reason, as the VM reports them", labels=["vm", "reason"]
+        "kasou_vm_exits",
+        "VM exits that reached kasou (user space), by reason: io, mmio, other",
+        labels=["vm", "reason"],
+    )
+    kvm_exits = CounterMetricFamily(
+        "kasou_vm_kvm_exits",
+        "VM exits as KVM counts them (its binary statistics, summed over vCPUs), including those "
+        'handled in the kernel: reason="all" is every exit; the others (halt, irq, io, mmio, '
+        "emulation, page_fault, ...) are KVM's own counters, which overlap: do not sum them",
+        labels=["vm", "reason"],
     )
     disk_bytes = CounterMetricFamily(
         "kasou_vm_disk_bytes", "Bytes moved by a virtio disk", labels=["vm", "device", "direction"]
@@ -96,6 +105,8 @@ def _vm_families(samples: list[VmMetrics]) -> list[Metric]:
         restarts.add_metric([vm], sample.restarts)
         for reason, count in sample.exits.items():
             exits.add_metric([vm, reason], count)
+        for reason, count in sample.kvm_exits.items():
+            kvm_exits.add_metric([vm, reason], count)
         for family, table in (
             (disk_bytes, sample.disk_bytes),
             (disk_ops, sample.disk_ops),
@@ -105,7 +116,8 @@ def _vm_families(samples: list[VmMetrics]) -> list[Metric]:
             for device, directions in table.items():
                 for direction, value in directions.items():
                     family.add_metric([vm, device, direction], value)
-    return [cpu, rss, pss, guest, restarts, exits, disk_bytes, disk_ops, net_bytes, net_packets]
+    families = [cpu, rss, pss, guest, restarts, exits, kvm_exits]
+    return [*families, disk_bytes, disk_ops, net_bytes, net_packets]
 
 
 def render(daemon: Daemon, latency: Histogram) -> bytes:

@@ -608,6 +608,14 @@ def snapshot_create(
         ),
     ] = False,
     stop: Annotated[bool, typer.Option("--stop", help="Stop the VM once it is saved.")] = False,
+    copy_disks: Annotated[
+        bool,
+        typer.Option(
+            "--copy-disks",
+            help="Copy every writable disk into the folder while the VM is paused (sparse), "
+            "so a restore runs on the disks as they were; read-only disks are not copied.",
+        ),
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     host: vms.HostOption = None,
 ) -> None:
@@ -615,10 +623,16 @@ def snapshot_create(
 
     Restore it with `kasou run --restore PATH` (or `kasou restore PATH --name NEW` on
     kasoud). Writing is atomic: if it fails the VM runs on and any snapshot already at PATH
-    is intact."""
+    is intact. Disks you attached stay where they are unless --copy-disks (a kasoud backup
+    always copies them)."""
     if sock is None:
-        if len(targets) != 2 or diff or stop:
-            _fail(ValueError("through kasoud give NAME PATH (no --diff, --stop); else --sock S"))
+        if len(targets) != 2 or diff or stop or copy_disks:
+            _fail(
+                ValueError(
+                    "through kasoud give NAME PATH (no --diff, --stop, --copy-disks: "
+                    "`kasou backup create NAME` copies the disks); else --sock S"
+                )
+            )
         from kasou.cli.backups import snapshot_vm
 
         snapshot_vm(targets[0], Path(targets[1]), json_output, host)
@@ -631,7 +645,7 @@ def snapshot_create(
 
     try:
         with ControlClient(sock) as client:
-            result = client.snapshot(path, diff=diff, stop=stop)
+            result = client.snapshot(path, diff=diff, stop=stop, copy_disks=copy_disks)
     except KasouError as error:
         _fail(error)
     if json_output:
@@ -642,6 +656,9 @@ def snapshot_create(
         f"({result['bytes'] / 2**20:.1f} MiB) in {result['seconds']:.3f} s, VM paused "
         f"{result['paused_seconds'] * 1000:.0f} ms, now {result['state']}"
     )
+    for disk in result.get("disks", []):
+        if disk.get("copy") is not None:
+            typer.echo(f"  disk {disk['path']} copied as {disk['copy']}")
 
 
 @snapshot_app.command(
@@ -683,7 +700,8 @@ def snapshot_info(
 
 @app.command(
     epilog="Examples: kasou migrate --sock /tmp/vm.sock tcp://127.0.0.1:4444; "
-    "kasou migrate web unix:/run/in.sock"
+    "kasou migrate web unix:/run/in.sock; "
+    "kasou migrate web --to-host https://b:8443 --to-token-file b.token --listen tcp://0.0.0.0:4444"
 )
 def migrate(
     targets: Annotated[
@@ -702,6 +720,36 @@ def migrate(
     cancel: Annotated[
         bool, typer.Option("--cancel", help="Cancel the migration under way.")
     ] = False,
+    to_host: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Move the VM to this other kasoud (its socket, or https://HOST:PORT): a VM "
+            "of the same name waits there on --listen, and the VM is removed here once it "
+            "runs there. Disks named by path must be at the same path there (shared "
+            "storage); scratch disks travel with the VM.",
+            show_default=False,
+        ),
+    ] = None,
+    to_token_file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="The bearer token of --to-host's TCP listener.", show_default=False),
+    ] = None,
+    listen: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="With --to-host: where the destination's VM waits, on its host: "
+            "tcp://HOST:PORT or unix:PATH.",
+            show_default=False,
+        ),
+    ] = None,
+    connect: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="With --to-host: where this host reaches --listen, if not at that URL "
+            "(default: --listen; tcp://0.0.0.0 becomes --to-host's host).",
+            show_default=False,
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     host: vms.HostOption = None,
 ) -> None:
@@ -711,8 +759,17 @@ def migrate(
     target; then the guest pauses, the rest and its devices' state go over, and it runs on
     at the destination. A guest that dirties memory faster than the link carries is slowed
     down (auto-converge). Ctrl-C cancels: the VM runs on here. Exits 0 once the VM runs at
-    the destination."""
+    the destination. `kasou migrate NAME --to-host B --listen URL` moves a VM of kasoud to
+    the kasoud B (made there, removed here); if it fails the VM runs on here."""
     given = targets or []
+    if to_host is not None or listen is not None:
+        if to_host is None or listen is None or sock is not None or cancel or len(given) != 1:
+            vms.fail(
+                "to move a VM of kasoud to another give NAME --to-host SOCKET_OR_URL "
+                "--listen URL (where the VM waits there: tcp://HOST:PORT or unix:PATH)"
+            )
+        vms.move_vm(given[0], to_host, to_token_file, listen, connect, downtime, json_output, host)
+        return
     if sock is None:
         if len(given) != 2 or cancel:
             _fail(ValueError("through kasoud give NAME URL; else --sock S URL"))
@@ -835,7 +892,7 @@ def image_build(
 
 
 @app.command(
-    epilog="Example: kasou nested -- ls -l /dev/kvm",
+    epilog="Example: kasou nested -- ls -l /dev/kvm; kasou nested --forward 8080:80 -- CMD",
     context_settings={"allow_interspersed_args": False},
 )
 def nested(
@@ -849,17 +906,33 @@ def nested(
         Optional[list[Path]],  # noqa: UP045
         typer.Option(help="A host folder the command may write to (same path inside)."),
     ] = None,
+    forward: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            metavar="HOSTPORT:GUESTPORT",
+            help="Let 127.0.0.1:HOSTPORT here reach GUESTPORT inside (TCP; repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run a command with a real /dev/kvm inside a nested host (QEMU TCG with AMD-V).
 
     This host's root is mounted read-only inside with a writable overlay on top that is
-    thrown away; --share gives writable access to a host folder. Exits with the command's
+    thrown away; --share gives writable access to a host folder. The nested host has no
+    network: --forward lets one TCP port in, and nothing goes out. Exits with the command's
     status, or 124 when the outer VM hung and was killed at --timeout."""
     from kasou.errors import KasouError
-    from kasou.nested import NestedError, run_nested
+    from kasou.nested import NestedError, parse_forward, run_nested
 
     try:
-        result = run_nested(command, cwd=Path.cwd(), timeout=timeout, cpus=cpus, shares=share or ())
+        forwards = [parse_forward(text) for text in forward or ()]
+        result = run_nested(
+            command,
+            cwd=Path.cwd(),
+            timeout=timeout,
+            cpus=cpus,
+            shares=share or (),
+            forwards=forwards,
+        )
     except NestedError as error:
         typer.echo(f"kasou: error: {error}", err=True)
         raise typer.Exit(124 if "hung" in str(error) else 2) from None

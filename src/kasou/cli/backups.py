@@ -79,6 +79,40 @@ def backup_ls(name: NameArgument, json_output: JsonOption = False, host: HostOpt
     typer.echo(f"{'ID':<24} {'CREATED':<20} {'SIZE':>13}  MADE")
     for backup in backups:
         typer.echo(_backup_line(backup))
+        for line in _disk_lines(backup):
+            typer.echo(f"  {line}")
+
+
+def _disk_lines(backup: Backup) -> list[str]:
+    """One line a disk of the backup: where the VM had it, and its copy (or why none)."""
+    lines = []
+    for disk in backup.disks or []:
+        if disk.file is None:
+            lines.append(f"disk {disk.path}: read-only, not copied")
+        else:
+            size = f"{(disk.size or 0) / 2**20:.1f} MiB"
+            lines.append(f"disk {disk.path}: copy {disk.file} ({size}, sha256 {disk.sha256})")
+    return lines
+
+
+@backup_app.command(
+    "inspect", epilog="Example: kasou backup inspect db 20260301T020000-1a2b3c --json"
+)
+def backup_inspect(
+    name: NameArgument,
+    backup_id: BackupIdArgument,
+    json_output: JsonOption = False,
+    host: HostOption = None,
+) -> None:
+    """Show one backup: when and how it was made, its size, and each disk it copied."""
+    with _connected(host) as client:
+        backup = client.backups.get(name, backup_id)
+    if json_output:
+        typer.echo(json.dumps(backup.model_dump(mode="json"), indent=2))
+        return
+    typer.echo(_backup_line(backup))
+    for line in _disk_lines(backup):
+        typer.echo(f"  {line}")
 
 
 @backup_app.command("rm", epilog="Example: kasou backup rm db 20260301T020000-1a2b3c")

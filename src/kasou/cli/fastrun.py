@@ -316,13 +316,12 @@ def _reclaim(options: dict[str, object]) -> Any:
 
 def _cloud_init_seed(text: str, scratch: list[Path]) -> Any:
     """A NoCloud seed (``--cloud-init``) as a read-only raw disk, removed when kasou ends."""
-    import tempfile
-
+    from kasou._sys.scratch import scratch_folder
     from kasou.cloudinit import SEED_LABEL, build_seed, parse_cloud_init
     from kasou.vmm.config import DiskConfig, VmConfig
 
     files = parse_cloud_init(text)
-    folder = Path(tempfile.mkdtemp(prefix="kasou-seed-"))
+    folder = scratch_folder("seed")
     scratch.append(folder)
     seed = folder / "seed.iso"
     build_seed(seed, files, hostname=VmConfig.name)  # the VM's name (the class default)
@@ -344,13 +343,13 @@ def _image_boot(
     image's ``root=UUID=... ro``, or --cmdline plus the image's ``root=`` where it has none.
     """
     import os
-    import tempfile
 
+    from kasou._sys.scratch import scratch_folder
     from kasou.bootdisk import find_boot_files
     from kasou.vmm.config import DEFAULT_CMDLINE, DiskConfig
 
     boot = find_boot_files(image)
-    folder = Path(tempfile.mkdtemp(prefix="kasou-image-"))
+    folder = scratch_folder("image")
     scratch.append(folder)
     if not kernel:
         kernel = folder / "vmlinuz"
@@ -376,12 +375,11 @@ def _image_boot(
 
 def _root_overlay(base: Path, scratch: list[Path]) -> Any:
     """A qcow2 overlay over the default guest's root image, removed when kasou ends."""
-    import tempfile
-
+    from kasou._sys.scratch import scratch_folder
     from kasou.disk import create_overlay
     from kasou.vmm.config import DiskConfig
 
-    folder = Path(tempfile.mkdtemp(prefix="kasou-root-"))
+    folder = scratch_folder("root")
     scratch.append(folder)
     overlay = folder / "root.qcow2"
     create_overlay(overlay, base, backing_format="raw")

@@ -47,6 +47,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
@@ -156,6 +157,9 @@ def _become_vm(
     status = 1
     try:
         os.chdir(directory)
+        # Its scratch files (a restored disk's overlay, a seed) go in the VM's folder, which
+        # kasoud removes with the VM, even after the VM process was killed.
+        tempfile.tempdir = directory
         # ps and top show the VM by name (comm, 15 bytes), not as another template.
         set_thread_name(f"kasou-{os.path.basename(directory)}"[:15])
         log = os.open("stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

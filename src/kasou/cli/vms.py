@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from kasou.sdk import Client
     from kasou.spec import Event, VmInfo
 
-__all__ = ["act", "exec_in", "print_status", "register", "require_one", "shutdown_vms"]
+__all__ = [
+    "act",
+    "exec_in",
+    "move_vm",
+    "print_status",
+    "register",
+    "require_one",
+    "shutdown_vms",
+]
 
 
 def _complete_names(incomplete: str) -> list[str]:
@@ -165,6 +173,70 @@ def exec_in(
             out.flush()
         status = run.exit_code
     raise typer.Exit(255 if status is None else status)
+
+
+def move_vm(
+    name: str,
+    to_host: str,
+    to_token_file: Path | None,
+    listen: str,
+    connect: str | None,
+    downtime: float,
+    json_output: bool,
+    host: str | None,
+) -> None:
+    """``kasou migrate NAME --to-host B --listen URL``: move a running VM to the kasoud
+    ``to_host``, live (``client.vms.move``), with a progress bar; it is removed here after."""
+    from kasou.errors import KasouError
+    from kasou.sdk import Client
+
+    token = None
+    if to_token_file is not None:
+        try:
+            token = to_token_file.read_text().strip()
+        except OSError as error:
+            fail(f"cannot read --to-token-file {to_token_file}: {error.strerror}")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with _connected(host) as client:
+        try:
+            destination = Client(to_host, token=token)
+        except KasouError as error:
+            fail(f"--to-host: {error}")
+        with (
+            destination,
+            Progress(*columns, transient=True, disable=json_output) as progress,
+        ):
+            task = progress.add_task(f"moving {name} to {to_host}", total=1.0)
+            result: dict[str, Any] = {}
+
+            def report(operation: Any) -> None:
+                progress.update(task, completed=operation.progress)
+                result.update(operation.result or {})
+
+            try:
+                vm = client.vms.move(
+                    name,
+                    destination,
+                    listen=listen,
+                    connect=connect,
+                    downtime=downtime,
+                    progress=report,
+                )
+            except KeyboardInterrupt:
+                progress.stop()
+                here = {vm.name: vm.state.value for vm in client.vms.list()}.get(name)
+                if here == "running":
+                    fail(f"interrupted: the move was cancelled; {name} runs on here")
+                fail(f"interrupted: see where {name} runs with `kasou ps` on both hosts")
+    if json_output:
+        _dump({"vm": _vm_json(vm), "migration": result})
+        return
+    typer.echo(
+        f"moved {name} to {to_host}: running there (pid {vm.pid}), removed here; downtime "
+        f"{float(result.get('downtime') or 0) * 1000:.0f} ms"
+    )
 
 
 # ---- read commands
@@ -479,20 +551,28 @@ def events(
             pass
 
 
-def _vm_samples(text: str) -> dict[str, dict[str, float]]:
+_KVM_EXITS = "kasou_vm_kvm_exits_total"
+
+
+def _vm_samples(text: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Per-VM values from Prometheus text: {vm: {metric name: value}}, summed over other
-    labels (a VM's disks, exit reasons)."""
+    labels (a VM's disks, kasou's exit reasons); and KVM's exit counters {vm: {reason:
+    value}}, kept apart because KVM's reasons overlap and do not sum."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, dict[str, float]] = {}
+    kvm_exits: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             vm = sample.labels.get("vm") or sample.labels.get("name")
             if vm is None:
                 continue
+            if sample.name == _KVM_EXITS:
+                kvm_exits.setdefault(vm, {})[sample.labels.get("reason", "")] = sample.value
+                continue
             row = values.setdefault(vm, {})
             row[sample.name] = row.get(sample.name, 0.0) + sample.value
-    return values
+    return values, kvm_exits
 
 
 def _pick(row: dict[str, float], *words: str) -> float | None:
@@ -522,32 +602,50 @@ def top(
     ] = False,
     host: HostOption = None,
 ) -> None:
-    """A live table of the running VMs: CPU, memory (RSS, PSS, guest RAM), restarts."""
+    """A live table of the running VMs: CPU, VM exits a second (as KVM counts them), memory
+    (RSS, PSS, guest RAM), restarts. --json adds KVM's exit counters by reason."""
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
     previous: dict[str, tuple[float, float]] = {}  # vm -> (monotonic time, cpu seconds)
+    exits_before: dict[str, tuple[float, float]] = {}  # vm -> (monotonic time, KVM's exits)
+
+    def rate(
+        table: dict[str, tuple[float, float]], vm: str, now: float, value: float
+    ) -> float | None:
+        """``value``'s change a second since the last frame (None on the first)."""
+        before = table.get(vm)
+        table[vm] = (now, value)
+        if before is None or now <= before[0]:
+            return None
+        return (value - before[1]) / (now - before[0])
 
     def frame(client: Client) -> Table:
         vms = [vm for vm in client.vms.list() if vm.state.value not in _QUIET_STATES]
-        samples = _vm_samples(client.metrics())
-        table = Table("NAME", "STATE", "CPU%", "CPU s", "RSS", "PSS", "GUEST", "RESTARTS", "UP")
+        samples, kvm_exits = _vm_samples(client.metrics())
+        table = Table(
+            "NAME", "STATE", "CPU%", "CPU s", "EXITS/s", "RSS", "PSS", "GUEST", "RESTARTS", "UP"
+        )
         now = time.monotonic()
         for vm in vms:
             row = samples.get(vm.name, {})
             cpu = _pick(row, "cpu", "seconds")
             percent = "-"
             if cpu is not None:
-                before = previous.get(vm.name)
-                if before is not None and now > before[0]:
-                    percent = f"{100 * (cpu - before[1]) / (now - before[0]):.1f}"
-                previous[vm.name] = (now, cpu)
+                change = rate(previous, vm.name, now, cpu)
+                percent = "-" if change is None else f"{100 * change:.1f}"
+            exits = kvm_exits.get(vm.name, {}).get("all")
+            exit_rate = "-"
+            if exits is not None:
+                change = rate(exits_before, vm.name, now, exits)
+                exit_rate = "-" if change is None else f"{change:.0f}"
             table.add_row(
                 vm.name,
                 vm.state.value,
                 percent,
                 "-" if cpu is None else f"{cpu:.2f}",
+                exit_rate,
                 _size(_pick(row, "rss")),
                 _size(_pick(row, "pss")),
                 _size(_pick(row, "guest", "memory")),
@@ -560,9 +658,12 @@ def top(
     with _connected(host) as client:
         if json_output:
             vms = [vm for vm in client.vms.list() if vm.state.value not in _QUIET_STATES]
-            samples = _vm_samples(client.metrics())
-            frame_json = {vm.name: {"state": vm.state.value, **samples.get(vm.name, {})}
-                          for vm in vms}  # fmt: skip
+            samples, kvm_exits = _vm_samples(client.metrics())
+            frame_json: dict[str, dict[str, Any]] = {}
+            for vm in vms:
+                frame_json[vm.name] = {"state": vm.state.value, **samples.get(vm.name, {})}
+                if vm.name in kvm_exits:  # absent where the host's KVM has no binary stats
+                    frame_json[vm.name]["kvm_exits"] = kvm_exits[vm.name]
             typer.echo(json.dumps(frame_json, indent=2, sort_keys=True))
             return
         if once:

@@ -90,12 +90,28 @@ class ControlClient:
             }
 
     def snapshot(
-        self, path: str | Path, *, diff: bool = False, stop: bool = False, timeout: float = 3600.0
+        self,
+        path: str | Path,
+        *,
+        diff: bool = False,
+        stop: bool = False,
+        copy_disks: bool = False,
+        timeout: float = 3600.0,
     ) -> dict[str, Any]:
         """Write a snapshot of the VM to the folder ``path`` (``kasou snapshot create``):
-        ``{"path", "id", "kind", "pages", "bytes", "seconds", "paused_seconds", "state"}``."""
+        ``{"path", "id", "kind", "pages", "bytes", "seconds", "paused_seconds", "state",
+        "disks"}`` (``disks``: each disk's ``path`` and ``copy``, its file in the folder or
+        None). ``copy_disks`` copies every writable disk into the folder while the VM is
+        paused (else only the disks kasou made for the run); read-only disks stay where
+        they are."""
         self._socket.settimeout(timeout)
-        return self.request("snapshot", path=str(Path(path).absolute()), diff=diff, stop=stop)
+        return self.request(
+            "snapshot",
+            path=str(Path(path).absolute()),
+            diff=diff,
+            stop=stop,
+            disks="all" if copy_disks else "scratch",
+        )
 
     def migrate(
         self, url: str, *, downtime: float = 0.3, poll: float = 0.1, timeout: float = 3600.0

@@ -1,18 +1,23 @@
 """Backups of daemon-run VMs: made, listed, pruned, scheduled, verified and restored.
 
 A backup is a full snapshot written by kasou's own snapshot code through the VM's control
-socket (the VM is paused while its memory, device states and the disks kasou made for it are
-written, then runs on), kept as one folder with a manifest::
+socket with every writable disk copied (``disks="all"``: the VM is paused while its memory,
+device states and disks are written, then runs on), kept as one folder with a manifest::
 
-    STATE/backups/NAME/ID/state.kasou, memory.bin, diskN.qcow2   the snapshot (vmm/snapshot.py)
-    STATE/backups/NAME/ID/backup.json     id, vm, created, scheduled, the VM's spec, and the
-                                          size and SHA-256 of every file above
+    STATE/backups/NAME/ID/state.kasou, memory.bin, diskN.raw|qcow2   the snapshot
+                                          (vmm/snapshot.py), the disks copied sparse
+    STATE/backups/NAME/ID/backup.json     id, vm, created, scheduled, the VM's spec, the
+                                          size and SHA-256 of every file above, and each
+                                          disk: its path, its copy, the copy's size, SHA-256
     STATE/backups/NAME/policy.json        the VM's schedule and retention (kasou.spec)
 
 A backup is written into a hidden ``.ID.tmp`` sibling and renamed into place once its
 manifest is on disk, so a crash leaves no half backup (hidden folders are never listed and
-are removed at the next backup). Disks the user attached by path stay where they are, as
-for any snapshot: a backup holds the machine, not the user's disk images.
+are removed at the next backup). Disks the user attached by path are copied too, while the
+VM is paused, so a backup's disks are consistent with its memory: a restore (into a new VM
+or the same one) runs on a throw-away overlay over the backup's copy, never on the user's
+file as it is now, which it does not write. Read-only disks are not copied: a restore reads
+them where they are.
 
 Retention (``kept``) and schedules (``next_due``) are pure functions of the backups' times
 and ``now``; a scheduler thread sleeps on a condition until the next backup is due (no
@@ -204,21 +209,32 @@ class Backups:
         backup_id = _new_id(created)
         work = folder / f".{backup_id}.tmp"
         try:
-            # The snapshot pauses the VM while it writes memory, states and kasou's disks.
-            result = self._daemon.request(name, "snapshot", path=str(work))
+            # The snapshot pauses the VM while it writes memory, states and every writable
+            # disk.
+            result = self._daemon.request(name, "snapshot", path=str(work), disks="all")
             files = {
                 entry.name: {"size": entry.stat().st_size, "sha256": _digest(entry)}
                 for entry in sorted(work.iterdir())
                 if entry.is_file()
             }
+            disks = [
+                {
+                    "path": str(disk.get("path")),
+                    "file": disk.get("copy"),
+                    **files.get(str(disk.get("copy")), {}),
+                }
+                for disk in result.get("disks", [])
+            ]
             manifest = {
                 "id": backup_id,
                 "vm": name,
                 "created": created,
                 "scheduled": scheduled,
                 "snapshot": result.get("id"),
+                "paused_seconds": result.get("paused_seconds"),
                 "spec": info.spec.model_dump(mode="json"),
                 "files": files,
+                "disks": disks,
             }
             _write_json(work / MANIFEST, manifest)
             os.rename(work, folder / backup_id)
@@ -249,6 +265,7 @@ class Backups:
                 created=float(manifest["created"]),
                 size=_allocated(folder),
                 scheduled=bool(manifest.get("scheduled", False)),
+                disks=manifest.get("disks"),
             )
         except FileNotFoundError:
             raise NotFoundError(f"{name} has no backup {backup_id!r}") from None

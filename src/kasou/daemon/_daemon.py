@@ -47,7 +47,7 @@ from typing import Any
 
 from kasou.client.control import ControlClient, RemoteError
 from kasou.daemon._backups import Backups
-from kasou.daemon._process import VmProcess, read_status
+from kasou.daemon._process import VmProcess, listens, read_status
 from kasou.daemon._specs import check_spec, console_option, memory_bytes, run_argv
 from kasou.daemon._store import SqliteStore, Store, VmRecord
 from kasou.daemon._template import Template
@@ -123,6 +123,8 @@ class VmMetrics:
     guest_memory: int
     restarts: int
     exits: dict[str, int] = dataclasses.field(default_factory=dict)
+    # KVM's own exit counters by reason (kernel and user space; empty without binary stats)
+    kvm_exits: dict[str, int] = dataclasses.field(default_factory=dict)
     disk_bytes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     disk_ops: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     net_bytes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
@@ -353,7 +355,8 @@ class Daemon:
             vm = _Vm(VmRecord(spec=spec), paths)
             self._vms[spec.name] = vm
             self._store.put(vm.record)
-            self._event(spec.name, "created", _S.CREATED)
+            restored = f"from snapshot {spec.restore}" if spec.restore else ""
+            self._event(spec.name, "created", _S.CREATED, restored)
         if start:
             return self.start(spec.name)
         return vm.record.info()
@@ -437,6 +440,8 @@ class Daemon:
             self._store.put(vm.record)
         self._spawn(vm)
         self._await_ready(vm)
+        if vm.record.spec.incoming is not None:
+            self._ended_before_listening(vm)
         return self.get(name)
 
     def stop(self, name: str) -> VmInfo:
@@ -545,6 +550,14 @@ class Daemon:
             return lifecycle[kind](name).model_dump(mode="json")
         return self._request(self._running(name, kind), kind, **args)
 
+    def snapshot(self, name: str, path: str) -> dict[str, Any]:
+        """Write a snapshot of the running VM into folder ``path`` (what ``kasou run
+        --restore`` and a spec's ``restore`` take); the event log keeps it."""
+        vm = self._running(name, "snapshot")
+        answer = self._request(vm, "snapshot", path=path)
+        self._event(name, "snapshot", vm.record.state, path)
+        return answer
+
     def migrate(
         self,
         name: str,
@@ -646,7 +659,10 @@ class Daemon:
             if kind == "stop":
                 with self._lock:
                     if vm.process is not None:
-                        vm.process.signal(signal.SIGKILL)
+                        # One still waiting for a migration has no control socket yet: SIGTERM
+                        # ends it cleanly, its listening socket removed.
+                        waiting = vm.record.spec.incoming is not None
+                        vm.process.signal(signal.SIGTERM if waiting else signal.SIGKILL)
             return False
         return True
 
@@ -756,10 +772,17 @@ class Daemon:
                 process = vm.process
                 if process is None or vm.record.state is not _S.RUNNING:
                     return
-                if vm.record.spec.incoming is not None:
-                    return  # its control socket comes with the VM, when a migration arrives
+                incoming = vm.record.spec.incoming
             if process.ended():
                 return
+            if incoming is not None:
+                # Its control socket comes with the VM, when a migration arrives; it is ready
+                # for the sender once it listens.
+                if listens(process.pid, incoming):
+                    return
+                with self._changed:
+                    self._changed.wait(0.002)
+                continue
             try:
                 with ControlClient(vm.paths.api_sock, timeout=_CONTROL_TIMEOUT) as client:
                     # "booting": the socket is up, the VM not yet built (a pause would
@@ -771,6 +794,23 @@ class Daemon:
             # kasou run makes its socket a few ms in: poll, woken early by any change.
             with self._changed:
                 self._changed.wait(0.002)
+
+    def _ended_before_listening(self, vm: _Vm) -> None:
+        """If a VM that was to wait for a migration ended first (it could not listen): once
+        the supervisor has seen the end, its record says why in ``kasou run``'s own words
+        (the last line of its stderr)."""
+        with self._lock:
+            if vm.process is not None and not vm.process.ended():
+                return  # it listens (or is late, and the sender will say so)
+        self._await_end_seen(vm, time.monotonic() + _ENDING_WAIT)
+        try:
+            lines = vm.paths.stderr_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return
+        with self._lock:
+            if lines and vm.process is None:
+                vm.record.message = f"{vm.record.message}: {lines[-1][:300]}".lstrip(": ")
+                self._store.put(vm.record)
 
     def _await_end(self, vms: builtins.list[_Vm], until: float) -> bool:
         """Wait until none of ``vms`` has a live process; False at ``until``."""
@@ -931,7 +971,8 @@ def _process_metrics(vm: _Vm, pid: int) -> VmMetrics | None:
 
 
 def _add_vm_figures(vm: _Vm, sample: VmMetrics) -> None:
-    """Exits from the ``status`` request, device counters from ``devices``: best effort."""
+    """Exits (kasou's and KVM's) from the ``status`` request, device counters from
+    ``devices``: best effort."""
     try:
         with ControlClient(vm.paths.api_sock, timeout=1.0) as client:
             status = client.request("status")
@@ -943,6 +984,9 @@ def _add_vm_figures(vm: _Vm, sample: VmMetrics) -> None:
         sample.exits["all"] = exits
     elif isinstance(exits, dict):
         sample.exits.update({str(k): v for k, v in exits.items() if isinstance(v, int)})
+    kvm_exits = status.get("kvm_exits")
+    if isinstance(kvm_exits, dict):
+        sample.kvm_exits.update({str(k): v for k, v in kvm_exits.items() if isinstance(v, int)})
     for device in devices if isinstance(devices, builtins.list) else []:
         counters = device.get("counters") or {}
         key = str(device.get("id"))

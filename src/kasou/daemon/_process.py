@@ -20,7 +20,10 @@ import select
 import signal
 from pathlib import Path
 
-__all__ = ["VmProcess", "read_status", "start_ticks"]
+__all__ = ["VmProcess", "listens", "read_status", "start_ticks"]
+
+_SO_ACCEPTCON = 0x10000  # a listening socket, in /proc/net/unix's Flags (linux/net.h)
+_TCP_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's st column (include/net/tcp_states.h)
 
 
 def start_ticks(pid: int) -> int | None:
@@ -116,3 +119,62 @@ def read_status(path: Path) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def listens(pid: int, url: str) -> bool:
+    """Whether process ``pid`` listens on ``url`` (``unix:PATH`` or ``tcp://HOST:PORT``): a
+    VM waiting for a migration (``kasou run --incoming``) is ready for its sender once this
+    holds. Read from /proc (proc(5): the process's fd links and its namespace's net/unix,
+    net/tcp, net/tcp6), never by connecting: the VM takes the first connection as the
+    migration."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return False
+    sockets = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+    if url.startswith("unix:"):
+        return _listens_unix(pid, Path(url[len("unix:") :]), sockets)
+    port = url.rpartition(":")[2]
+    if not url.startswith("tcp://") or not port.isdigit():
+        return False
+    for table in ("tcp", "tcp6"):
+        for fields in _proc_table(pid, table):
+            # sl local_address rem_address st ... uid timeout inode: the inode is field 9
+            if (
+                len(fields) > 9
+                and fields[3] == _TCP_LISTEN
+                and fields[9] in sockets
+                and int(fields[1].rpartition(":")[2], 16) == int(port)
+            ):
+                return True
+    return False
+
+
+def _listens_unix(pid: int, path: Path, sockets: set[str]) -> bool:
+    # listen_unix (kasou.event.unix) binds under a hidden name beside the path and renames it
+    # into place once it listens; /proc shows the name it was bound to. The path is the
+    # process's once that name is gone and a socket is at the path.
+    hidden = f".{path.name}."
+    for fields in _proc_table(pid, "unix"):
+        # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) < 8 or fields[6] not in sockets:
+            continue
+        try:
+            listening = int(fields[3], 16) & _SO_ACCEPTCON
+        except ValueError:
+            continue
+        bound = Path(fields[7])
+        if not listening or bound.parent != path.parent:
+            continue
+        if bound == path or (bound.name.startswith(hidden) and not bound.exists()):
+            return path.is_socket()
+    return False
+
+
+def _proc_table(pid: int, name: str) -> list[list[str]]:
+    """The rows of /proc/PID/net/NAME, split on white space, without the header."""
+    try:
+        with open(f"/proc/{pid}/net/{name}", encoding="ascii", errors="replace") as table:
+            return [line.split(maxsplit=7 if name == "unix" else -1) for line in table][1:]
+    except OSError:
+        return []

@@ -22,7 +22,7 @@ docs/interop/qcow2.txt; ``qemu-img check`` finds no errors and no leaks in image
 wrote and closed.
 """
 
-from kasou.disk._create import create_overlay, create_qcow2
+from kasou.disk._create import create_overlay, create_qcow2, set_backing_name
 from kasou.disk._disk import SECTOR_SIZE, Disk
 from kasou.disk._errors import DiskError
 from kasou.disk._info import DiskInfo, inspect_disk
@@ -43,4 +43,5 @@ __all__ = [
     "create_qcow2",
     "inspect_disk",
     "open_disk",
+    "set_backing_name",
 ]

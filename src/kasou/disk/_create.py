@@ -1,4 +1,5 @@
-"""Creating qcow2 version 3 images: empty ones, and overlays over a backing file.
+"""Creating qcow2 version 3 images: empty ones, and overlays over a backing file; and
+pointing an existing image at another backing file (``set_backing_name``).
 
 A new image has, in order: the header cluster (header, header extensions, backing file
 name), the refcount table, the refcount blocks counting these clusters, and a zeroed L1 table
@@ -23,9 +24,10 @@ from kasou.disk._qcow2_format import (
     MAX_L1_BYTES,
     MIN_CLUSTER_BITS,
     encode_header,
+    parse_header,
 )
 
-__all__ = ["create_overlay", "create_qcow2"]
+__all__ = ["create_overlay", "create_qcow2", "set_backing_name"]
 
 _REFCOUNT_BITS = 16  # refcount_order 4, what qemu-img creates by default
 
@@ -65,6 +67,36 @@ def create_overlay(
     finally:
         base.close()
     _write_image(path, size, cluster_size, backing_name, backing_format)
+
+
+def set_backing_name(path: str | Path, backing: str) -> None:
+    """Store ``backing`` as the backing file name of the qcow2 image ``path`` in place of
+    the one it has, and nothing else (the data is not looked at, as ``qemu-img rebase -u``
+    does): for a copy of an image whose backing file sits elsewhere than the original's
+    relative name says. A relative ``backing`` is relative to the image's folder.
+
+    The name goes where the old one was (qcow2 spec, "Header": backing_file_offset and
+    backing_file_size; the name must stay within the first cluster); raises ``DiskError``
+    for an image without a backing file or when the name does not fit there."""
+    name = backing.encode()
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, 1 << MAX_CLUSTER_BITS, 0)
+        header = parse_header(data, os.fstat(fd).st_size)
+        offset, _ = struct.unpack_from(">QI", data, 8)
+        if header.backing_file is None:
+            raise DiskError(f"{path} has no backing file to point elsewhere")
+        if not name or b"\0" in name or len(name) > 1023:
+            raise DiskError(f"{backing!r} is not a backing file name (1 to 1023 bytes)")
+        if offset + len(name) > header.cluster_size:
+            raise DiskError(
+                f"{path}: the backing file name {backing!r} does not fit in its first cluster"
+            )
+        os.pwrite(fd, name, offset)
+        os.pwrite(fd, struct.pack(">I", len(name)), 16)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_image(

@@ -82,6 +82,9 @@ vblk-bench ``mode=read|write|randread size=BYTES count=N depth=D`` (read, 65536,
            from S wrapping within SPAN (the disk) or random BYTES-aligned blocks in it.
            ``vblk-bench start mode=... bytes=B``, then ``vblk-bench end bytes=B
            notifies=K irqs=I`` (QueueNotify writes, interrupts taken): time between the two.
+vblk-watch ``sector=S every=N`` (0, 64): reads sector S of the first block device forever,
+           printing ``vblk-watch read=K crc=0x<crc32>`` every Nth read (zlib's CRC-32): a VM
+           restored from a snapshot shows which disk content it was restored with.
 vrng       two reads of 64 bytes from virtio-rng: ``vrng 1 <hex>``, ``vrng 2 <hex>``, then
            ``vrng ok``; fails if both are all zero or they are equal.
 vnet       ``payload=TEXT`` (kasou): ``vnet mac=<config MAC>``, posts receive buffers, sends
@@ -184,6 +187,7 @@ WORKLOADS = (
     "vlist",
     "vblk",
     "vblk-bench",
+    "vblk-watch",
     "vrng",
     "vnet",
     "vsock",

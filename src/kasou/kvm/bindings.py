@@ -493,6 +493,37 @@ class KvmEnableCap(ctypes.Structure):
 _sized(KvmEnableCap, 104)
 
 
+class KvmStatsHeader(ctypes.Structure):
+    """struct kvm_stats_header, linux/kvm.h: the start of a binary statistics fd"""
+
+    _fields_ = (
+        ("flags", c_uint32),
+        ("name_size", c_uint32),
+        ("num_desc", c_uint32),
+        ("id_offset", c_uint32),
+        ("desc_offset", c_uint32),
+        ("data_offset", c_uint32),
+    )
+
+
+_sized(KvmStatsHeader, 24)
+
+
+class KvmStatsDesc(ctypes.Structure):
+    """struct kvm_stats_desc, linux/kvm.h, without its name (``name_size`` bytes follow)"""
+
+    _fields_ = (
+        ("flags", c_uint32),
+        ("exponent", ctypes.c_int16),
+        ("size", c_uint16),
+        ("offset", c_uint32),
+        ("bucket_size", c_uint32),
+    )
+
+
+_sized(KvmStatsDesc, 16)
+
+
 # --- ioctls -----------------------------------------------------------------------------
 
 # /dev/kvm
@@ -547,6 +578,8 @@ KVM_SET_XSAVE = _iow(0xA5, KvmXsave)
 KVM_GET_XCRS = _ior(0xA6, KvmXcrs)
 KVM_SET_XCRS = _iow(0xA7, KvmXcrs)
 KVM_KVMCLOCK_CTRL = _io(0xAD)
+# VM or vCPU fd
+KVM_GET_STATS_FD = _io(0xCE)
 
 # --- constants --------------------------------------------------------------------------
 
@@ -576,6 +609,7 @@ KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MAX_VCPU_ID = 128
+KVM_CAP_BINARY_STATS_FD = 203
 
 # kvm_run exit reasons
 KVM_EXIT_UNKNOWN = 0
@@ -628,6 +662,25 @@ KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
 KVM_IRQCHIP_PIC_MASTER = 0
 KVM_IRQCHIP_PIC_SLAVE = 1
 KVM_IRQCHIP_IOAPIC = 2
+
+# struct kvm_stats_desc flags: type, unit and base, four bits each
+KVM_STATS_TYPE_MASK = 0xF
+KVM_STATS_TYPE_CUMULATIVE = 0x0
+KVM_STATS_TYPE_INSTANT = 0x1
+KVM_STATS_TYPE_PEAK = 0x2
+KVM_STATS_TYPE_LINEAR_HIST = 0x3
+KVM_STATS_TYPE_LOG_HIST = 0x4
+KVM_STATS_UNIT_SHIFT = 4
+KVM_STATS_UNIT_MASK = 0xF << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_NONE = 0x0 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_BYTES = 0x1 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_SECONDS = 0x2 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_CYCLES = 0x3 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_BOOLEAN = 0x4 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_BASE_SHIFT = 8
+KVM_STATS_BASE_MASK = 0xF << KVM_STATS_BASE_SHIFT
+KVM_STATS_BASE_POW10 = 0x0 << KVM_STATS_BASE_SHIFT
+KVM_STATS_BASE_POW2 = 0x1 << KVM_STATS_BASE_SHIFT
 
 __all__ = sorted(  # noqa: PLE0605 - every struct and constant defined above
     name

@@ -242,6 +242,10 @@ class VmFd(_Fd):
         log = b.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
         _call("KVM_GET_DIRTY_LOG", self.fd, b.KVM_GET_DIRTY_LOG, log)
 
+    def get_stats_fd(self) -> int:
+        """A new fd of the VM's binary statistics (``kasou.kvm.stats`` reads it)."""
+        return _call("KVM_GET_STATS_FD", self.fd, b.KVM_GET_STATS_FD)
+
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         fd = _call("KVM_CREATE_VCPU", self.fd, b.KVM_CREATE_VCPU, vcpu_id)
         try:
@@ -385,6 +389,11 @@ class VcpuFd(_Fd):
 
     def get_tsc_khz(self) -> int:
         return _call("KVM_GET_TSC_KHZ", self.fd, b.KVM_GET_TSC_KHZ)
+
+    def get_stats_fd(self) -> int:
+        """A new fd of this vCPU's binary statistics (``kasou.kvm.stats`` reads it). Like
+        every vCPU ioctl it waits while the vCPU is in KVM_RUN: call it before the vCPU runs."""
+        return _call("KVM_GET_STATS_FD", self.fd, b.KVM_GET_STATS_FD)
 
     def set_tsc_khz(self, khz: int) -> None:
         _call("KVM_SET_TSC_KHZ", self.fd, b.KVM_SET_TSC_KHZ, khz)

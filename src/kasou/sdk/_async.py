@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -192,6 +193,31 @@ class AsyncVms:
 
     async def migrate(self, name: str, url: str, downtime: float = 0.3) -> Operation:
         return await self._client._run(migrate_call(name, url, downtime))
+
+    async def move(
+        self,
+        name: str,
+        to: AsyncClient,
+        *,
+        listen: str,
+        connect: str | None = None,
+        downtime: float = 0.3,
+        progress: Callable[[Operation], None] | None = None,
+        timeout: float = 3600.0,
+    ) -> VmInfo:
+        """``Vms.move`` for asyncio."""
+        from kasou.sdk._move import amove
+
+        return await amove(
+            self._client,
+            to,
+            name,
+            listen=listen,
+            connect=connect,
+            downtime=downtime,
+            progress=progress,
+            timeout=timeout,
+        )
 
     def console(self, name: str, open_timeout: float = 10.0) -> AsyncConsole:
         """``async with client.vms.console("web") as con: await con.send(b"ls\\n")``."""

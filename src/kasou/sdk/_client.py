@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -220,6 +220,39 @@ class Vms:
         """Start sending the running VM to ``url``, where ``kasou run --incoming`` (or a VM
         with ``incoming``) listens; the operation's progress is the share of memory sent."""
         return self._client._run(migrate_call(name, url, downtime))
+
+    def move(
+        self,
+        name: str,
+        to: Client,
+        *,
+        listen: str,
+        connect: str | None = None,
+        downtime: float = 0.3,
+        progress: Callable[[Operation], None] | None = None,
+        timeout: float = 3600.0,
+    ) -> VmInfo:
+        """Move the running VM to the kasoud ``to`` talks to, live: a VM of the same name,
+        size, limits, labels and restart policy is made there, waiting on ``listen``
+        (``tcp://HOST:PORT`` or ``unix:PATH`` on that host), the VM migrates into it
+        (``connect``: where this kasoud reaches ``listen``, if not the same URL), and its
+        record here is removed. Returns the VM as ``to`` sees it. Any failure leaves the VM
+        running here and nothing there; a name taken there is ``Conflict`` before anything
+        starts. Disks named by path must be at the same path there (shared storage);
+        scratch disks travel with the VM. ``progress`` gets the migration's operation as
+        it goes."""
+        from kasou.sdk._move import move
+
+        return move(
+            self._client,
+            to,
+            name,
+            listen=listen,
+            connect=connect,
+            downtime=downtime,
+            progress=progress,
+            timeout=timeout,
+        )
 
     def console(self, name: str, open_timeout: float = 10.0) -> Console:
         """The VM's serial console, both ways: ``with client.vms.console("web") as con:``."""

@@ -20,6 +20,7 @@ __all__ = [
     "NAME_PATTERN",
     "PROBLEM_BASE",
     "Backup",
+    "BackupDisk",
     "BackupPolicy",
     "BackupSchedule",
     "DesiredState",
@@ -242,15 +243,28 @@ class BackupPolicy(_Strict):
     retention: Retention | None = None
 
 
+class BackupDisk(BaseModel):
+    """One disk of a backed-up VM: its path on the host (``path``, as the VM was given it)
+    and its copy in the backup (``file``, a file name; None for a read-only disk, which is
+    not copied), with the copy's apparent ``size`` and ``sha256``."""
+
+    path: str
+    file: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
 class Backup(BaseModel):
     """One backup of a VM: a full snapshot (and copies of its writable disks) under the
-    daemon's state folder, checked against the checksums written with it."""
+    daemon's state folder, checked against the checksums written with it. ``disks`` is
+    None for a backup made before backups listed them."""
 
     id: str
     vm: str
     created: float  # Unix time
     size: int  # bytes allocated on the host's disk
     scheduled: bool = False  # made by the schedule, not asked for
+    disks: list[BackupDisk] | None = None
 
 
 class RestoreRequest(_Strict):

@@ -46,6 +46,7 @@ from kasou.errors import ConfigError, HostError, KasouError
 from kasou.kvm import Kvm, VcpuFd, VmFd
 from kasou.kvm import bindings as b
 from kasou.kvm.host import Backend, backend
+from kasou.kvm.stats import open_stats
 from kasou.loader import LoadedKernel, load_initrd, load_kernel, multiboot, read_ahead
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
@@ -691,6 +692,10 @@ def _create_vcpus(vm: Vm, entry: int | MultibootEntry | None) -> None:
     for index in range(vm.config.vcpus):
         fd = vm.vm_fd.create_vcpu(index)
         vm._cleanup.callback(fd.close)
+        # Opened now: a vCPU ioctl waits while the vCPU is in KVM_RUN. Parsed on first read.
+        stats = open_stats(fd)
+        if stats is not None:
+            vm._cleanup.callback(stats.close)
         fd.set_cpuid2(_guest_cpuid(plain, index, vm.config.vcpus, _tsc_khz(fd)))
         fd.set_msrs(msrs.boot_msrs())
         _set_lint(fd)
@@ -699,7 +704,7 @@ def _create_vcpus(vm: Vm, entry: int | MultibootEntry | None) -> None:
                 _set_multiboot_registers(fd, entry)
         elif index == 0 and entry is not None:
             _set_boot_registers(fd, entry)
-        vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, vm.end))
+        vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, vm.end, stats))
 
 
 # Each vCPU's CPUID by (vCPU, vCPUs, TSC kHz): the same for every VM of this host.

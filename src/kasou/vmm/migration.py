@@ -688,9 +688,9 @@ def _incoming_config(
 ) -> Any:
     """The source's config with this side's replacements; scratch disks get new files here
     (their content comes at the end of the stream)."""
-    import tempfile
     from dataclasses import replace
 
+    from kasou._sys.scratch import scratch_folder
     from kasou.vmm.snapshot import restored_nets, restored_vsock
 
     new_disks = list(saved.disks)
@@ -704,7 +704,7 @@ def _incoming_config(
     for index, disk in enumerate(new_disks):
         if disks is None and disk.scratch:
             if folder is None:
-                folder = Path(tempfile.mkdtemp(prefix="kasou-incoming-"))
+                folder = scratch_folder("incoming")
                 scratch.append(folder)
             target = folder / f"disk{index}{disk.path.suffix or '.img'}"
             target.touch()

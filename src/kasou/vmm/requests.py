@@ -39,7 +39,9 @@ class Request:
     seconds; ``balloon`` an optional new target size in bytes; ``shutdown`` how long to wait
     for the VM to end before replying, in seconds (0: reply once the button is pressed);
     ``snapshot`` the folder (``path``), whether only pages written since the previous
-    snapshot go in (``diff``) and whether the VM stops afterwards (``stop``); ``migrate`` the
+    snapshot go in (``diff``), whether the VM stops afterwards (``stop``) and which disks
+    are copied into the folder (``disks``: "scratch", those kasou made, or "all", every
+    writable disk, while the VM is paused); ``migrate`` the
     destination (``url``: tcp://HOST:PORT or unix:PATH) and the downtime target in seconds;
     ``reclaim`` the policy fields to change (``vmm.reclaim.parse_reclaim_changes``), empty to
     only report."""
@@ -53,6 +55,7 @@ class Request:
     path: str = ""
     diff: bool = False
     stop: bool = False
+    disks: str = "scratch"
     url: str = ""
     downtime: float = 0.3
     reclaim: dict[str, Any] = field(default_factory=dict)
@@ -150,7 +153,7 @@ _ARGUMENTS = {
     RequestKind.EXEC: {"argv", "stdin", "timeout"},
     RequestKind.BALLOON: {"target"},
     RequestKind.SHUTDOWN: {"wait"},
-    RequestKind.SNAPSHOT: {"path", "diff", "stop"},
+    RequestKind.SNAPSHOT: {"path", "diff", "stop", "disks"},
     RequestKind.MIGRATE: {"url", "downtime"},
     RequestKind.LIMITS: {"cpus_quota", "cpu_weight", "cpu_pin", "memory_limit", "pids_limit"},
     RequestKind.RECLAIM: {"max", "min_free", "step", "interval", "psi", "calm"},
@@ -171,7 +174,14 @@ def _snapshot(message: dict[str, Any]) -> Request:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise ConfigError(name, f"{name} must be true or false")
-    return Request(RequestKind.SNAPSHOT, path=path, diff=flags["diff"], stop=flags["stop"])
+    disks = message.get("disks", "scratch")
+    if disks not in ("scratch", "all"):
+        raise ConfigError(
+            "disks", 'disks must be "scratch" (the disks kasou made) or "all" (every writable one)'
+        )
+    return Request(
+        RequestKind.SNAPSHOT, path=path, diff=flags["diff"], stop=flags["stop"], disks=disks
+    )
 
 
 def _migrate(message: dict[str, Any]) -> Request:

@@ -165,6 +165,7 @@ class _Session:
                 diff=request.diff,
                 stop=request.stop,
                 extra=self.saved_sections,
+                disks=request.disks,
             )
         finally:
             with self._lock:

@@ -4,8 +4,20 @@ A snapshot folder holds::
 
     state.kasou    the sections (kasou.persist): meta, config, kvm, vcpuN, dev.ID
     memory.bin     guest RAM as one sparse file, region i at file_offsets(layout)[i]
-    diskN.qcow2    copies of the disks kasou made for the run (scratch disks: the default
-                   guest's overlay, a cloud-init seed); other disks stay where they are
+    diskN.FORMAT   copies of the disks kasou made for the run (scratch disks: the default
+                   guest's overlay, a cloud-init seed) and, with ``disks="all"``, of every
+                   writable disk; read-only disks always stay where they are
+    diskN.K.FORMAT a copy's qcow2 backing file when that belongs to a snapshot (a restored
+                   VM's overlay sits on its snapshot's copy), named relative to the folder
+
+Disk copies are made while the VM is paused, after every disk backend flushed, so they hold
+what the guest had written at that instant, consistent with the saved memory (the guest's
+page cache included). They are sparse: a reflink where the file system has one, else only
+the data extents (``kasou._sys.fs.copy_sparse``); the copy's time counts in the pause. A
+qcow2 image is copied top file only: its backing file elsewhere (a base image, which kasou
+never writes) stays where it is and the copy names it by its absolute path. A copy's suffix
+is the format kasou opened the disk with, and a restore opens the copy as that format (a
+guest that wrote a qcow2 header into a raw disk cannot make kasou read it as qcow2).
 
 A full snapshot's memory file has every non-zero page; a diff snapshot's only the pages
 written since the previous snapshot of the same VM (KVM's dirty log and the devices' write
@@ -52,6 +64,7 @@ from kasou.vmm.lifecycle import VmState
 from kasou.vmm.vm import Vm
 
 __all__ = [
+    "DISK_MODES",
     "MEMORY_FILE",
     "STATE_FILE",
     "MachineImage",
@@ -76,6 +89,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.kasou"
 MEMORY_FILE = "memory.bin"
+DISK_MODES = ("scratch", "all")  # which disks a snapshot copies (create_snapshot's disks=)
 
 
 @dataclass(frozen=True)
@@ -189,13 +203,18 @@ def create_snapshot(
     diff: bool = False,
     stop: bool = False,
     extra: Callable[[], Mapping[str, bytes]] | None = None,
+    disks: str = "scratch",
 ) -> dict[str, Any]:
     """Write a snapshot of ``vm`` to the folder ``path`` (replacing a snapshot there) and
     return what was written. ``extra()`` adds sections of the VM's owner (the runner's
-    agent channel), read while the VM is paused. The VM runs on afterwards unless ``stop``;
-    it also runs on, unchanged, when writing fails (the error says why; nothing is left
-    behind)."""
+    agent channel), read while the VM is paused. ``disks`` says which disks are copied
+    into the folder: "scratch" (those kasou made for the run) or "all" (every writable
+    disk too; read-only disks are never copied); ``paused_seconds`` includes the copies.
+    The VM runs on afterwards unless ``stop``; it also runs on, unchanged, when writing
+    fails (the error says why; nothing is left behind)."""
     path = Path(os.path.abspath(path))
+    if disks not in DISK_MODES:
+        raise ConfigError("disks", f"disks={disks!r}: give one of {', '.join(DISK_MODES)}")
     _check_destination(path)
     if diff and (vm.dirty is None or not vm.dirty.active or vm.last_snapshot is None):
         raise SnapshotError(
@@ -214,7 +233,7 @@ def create_snapshot(
             sections = save_machine(vm)
             if extra is not None:
                 sections.update(extra())
-            disks = _save_disks(vm, work)
+            copies = _save_disks(vm, work, every=disks == "all")
             pages = vm.dirty.collect() if diff and vm.dirty is not None else None
             written = save_memory(vm.memory, work / MEMORY_FILE, only=pages)
             meta = SnapshotMeta(
@@ -225,7 +244,7 @@ def create_snapshot(
                 created=time.time(),
                 layout=tuple(vm.memory.layout),
                 vcpus=len(vm.vcpus),
-                disks=disks,
+                disks=copies,
                 pages=written.pages,
             )
             sections["meta"] = encode_state(meta)
@@ -266,6 +285,10 @@ def create_snapshot(
         "seconds": round(time.monotonic() - started, 3),
         "paused_seconds": round(paused, 3),
         "state": vm.state.value,
+        "disks": [
+            {"path": str(disk.path), "copy": name}
+            for disk, name in zip(vm.config.disks, copies, strict=True)
+        ],
     }
 
 
@@ -307,20 +330,57 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _save_disks(vm: Vm, folder: Path) -> tuple[str | None, ...]:
-    """Flush every disk; copy the scratch ones (they die with this kasou) into ``folder``."""
+def _save_disks(vm: Vm, folder: Path, *, every: bool) -> tuple[str | None, ...]:
+    """Flush every disk; copy the scratch ones (they die with this kasou), and with
+    ``every`` each writable one, into ``folder``. The copies' names, per disk (None: not
+    copied)."""
     names: list[str | None] = []
     for index, disk in enumerate(vm.config.disks):
         transport = vm.devices.get(f"block{index}")
-        if transport is not None:
-            transport.device.backend.flush()
-        if not disk.scratch:
+        backend = transport.device.backend if transport is not None else None
+        if backend is not None:
+            backend.flush()
+        if not disk.scratch and (disk.read_only or not every):
             names.append(None)
             continue
-        name = f"disk{index}{disk.path.suffix or '.img'}"
-        shutil.copyfile(disk.path, folder / name)
-        names.append(name)
+        names.append(_copy_disk(disk, backend, folder, f"disk{index}"))
     return tuple(names)
+
+
+def _copy_disk(disk: DiskConfig, backend: object, folder: Path, stem: str) -> str:
+    """Copy one disk into ``folder`` as ``STEM.FORMAT`` (the format kasou opened it with)
+    and return that name. A qcow2 image's backing file that belongs to a snapshot (whose
+    folders are replaced and pruned) comes along as ``STEM.1.FORMAT``, and so on down the
+    chain, each copy naming the next relative to ``folder``; the first backing file that
+    lies elsewhere stays there, named by its absolute path."""
+    from kasou._sys.fs import copy_sparse
+    from kasou.disk import Qcow2Disk, set_backing_name
+
+    image_format = getattr(backend, "format", None)
+    if backend is None or image_format not in ("raw", "qcow2"):
+        name = f"{stem}{disk.path.suffix or '.img'}"  # the format is probed at restore
+        copy_sparse(disk.path, folder / name)
+        return name
+    top = name = f"{stem}.{image_format}"
+    level = 0
+    image: object = backend
+    while True:
+        copy_sparse(getattr(image, "path", disk.path), folder / name)
+        if not isinstance(image, Qcow2Disk) or image.backing is None:
+            return top
+        stored = image.header.backing_file
+        assert stored is not None  # an image with a backing has its name
+        # qcow2 spec, "Header": a relative name is relative to the image's folder.
+        below = Path(stored) if Path(stored).is_absolute() else image.path.parent / stored
+        if (below.parent / STATE_FILE).is_file():
+            level += 1
+            below_name = f"{stem}.{level}.{image.backing.format}"
+            set_backing_name(folder / name, below_name)
+            name, image = below_name, image.backing
+            continue
+        if not Path(stored).is_absolute():
+            set_backing_name(folder / name, os.path.abspath(below))
+        return top
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -481,19 +541,30 @@ def _restored_disks(
             disks.append(disk)
             continue
         if folder is None:
-            import tempfile
+            from kasou._sys.scratch import scratch_folder
 
-            folder = Path(tempfile.mkdtemp(prefix="kasou-restore-"))
+            folder = scratch_folder("restore")
             scratch.append(folder)
         from kasou.disk import create_overlay
 
         overlay = folder / f"disk{index}.qcow2"
         try:
-            create_overlay(overlay, source)
+            create_overlay(overlay, source, backing_format=_copy_format(copy, disk))
         except (KasouError, OSError) as error:
             raise ConfigError("disk", f"cannot make an overlay over {source}: {error}") from None
         disks.append(disk._replace(path=overlay, format="qcow2", scratch=True))
     return tuple(disks)
+
+
+def _copy_format(copy: str | None, disk: DiskConfig) -> str | None:
+    """The format to open a disk's copy with: the one its name records (the format kasou
+    ran it with), else the disk's configured one, else None (probed, as for snapshots made
+    before copies were named so)."""
+    if copy is not None:
+        suffix = Path(copy).suffix.lstrip(".")
+        if suffix in ("raw", "qcow2"):
+            return suffix
+    return disk.format
 
 
 def restored_nets(
@@ -609,6 +680,7 @@ def merge_snapshots(base: Path, diffs: Sequence[Path]) -> dict[str, Any]:
     """Fold diff snapshots, oldest first, into the full snapshot ``base``. Each must apply
     on the one before (its parent id). ``base`` is replaced in one step at the end: an error
     or a crash leaves it as it was."""
+    from kasou._sys.fs import copy_sparse
     from kasou.memory import merge_memory
 
     base = Path(os.path.abspath(base))
@@ -638,7 +710,7 @@ def merge_snapshots(base: Path, diffs: Sequence[Path]) -> dict[str, Any]:
     merged = 0
     try:
         work.mkdir()
-        _copy_sparse(base / MEMORY_FILE, work / MEMORY_FILE)
+        copy_sparse(base / MEMORY_FILE, work / MEMORY_FILE)
         for diff, meta, sections in chain:
             pages = [
                 PageBitmap.from_bytes(_section(sections, f"pages.{index}"), size // 4096)
@@ -646,10 +718,11 @@ def merge_snapshots(base: Path, diffs: Sequence[Path]) -> dict[str, Any]:
             ]
             merged += merge_memory(work / MEMORY_FILE, diff / MEMORY_FILE, pages, meta.layout)
         last_path, last_meta, last_sections = chain[-1]
-        # The newest states, and the newest disk copies (they go with those states).
-        for name in last_meta.disks:
-            if name is not None:
-                shutil.copyfile(last_path / name, work / name)
+        # The newest states, and the newest disk copies with their chains (they go with
+        # those states).
+        for entry in sorted(last_path.iterdir()):
+            if entry.is_file() and entry.name.startswith("disk"):
+                copy_sparse(entry, work / entry.name)
         full = replace(last_meta, kind="full", parent=None, pages=_allocated_pages(work))
         sections = {
             name: data for name, data in last_sections.items() if not name.startswith("pages.")
@@ -666,30 +739,6 @@ def merge_snapshots(base: Path, diffs: Sequence[Path]) -> dict[str, Any]:
             ) from error
         raise
     return {"path": str(base), "id": full.id, "diffs": len(chain), "pages_merged": merged}
-
-
-def _copy_sparse(source: Path, target: Path) -> None:
-    """Copy ``source`` keeping its holes (SEEK_DATA/SEEK_HOLE), then fsync."""
-    with open(source, "rb") as reader, open(target, "xb") as writer:
-        size = os.fstat(reader.fileno()).st_size
-        writer.truncate(size)
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(reader.fileno(), offset, os.SEEK_DATA)
-            except OSError:
-                break  # only holes are left
-            end = os.lseek(reader.fileno(), start, os.SEEK_HOLE)
-            position = start
-            while position < end:
-                copied = os.copy_file_range(
-                    reader.fileno(), writer.fileno(), end - position, position, position
-                )
-                if copied <= 0:
-                    break
-                position += copied
-            offset = end
-        os.fsync(writer.fileno())
 
 
 def _allocated_pages(folder: Path) -> int:

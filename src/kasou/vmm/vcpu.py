@@ -32,6 +32,7 @@ from kasou.devices.bus import Bus
 from kasou.errors import HostError, KasouError, LifecycleError
 from kasou.kvm import VcpuFd
 from kasou.kvm import bindings as b
+from kasou.kvm.stats import KvmStats
 
 __all__ = [
     "KICK_SIGNAL",
@@ -141,6 +142,7 @@ class Vcpu:
         pio: Bus,
         mmio: Bus,
         on_exit: Callable[[GuestExit], None],
+        kvm_stats: KvmStats | None = None,
     ) -> None:
         self.fd = fd
         self.index = fd.vcpu_id
@@ -152,6 +154,9 @@ class Vcpu:
         self.exits = 0  # exits to user space, for status and benchmarks
         self.io_exits = 0  # of which port I/O
         self.mmio_exits = 0  # of which MMIO
+        # KVM's own counters of this vCPU (kasou/kvm/stats.py), read by status, not per exit;
+        # None on a kernel without binary statistics. The builder opens and closes it.
+        self.kvm_stats = kvm_stats
         # Run first on the vCPU thread, once it is named (a seccomp filter's installation).
         self.on_start: Callable[[], None] | None = None
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kasou.devices.bus import Bus
-from kasou.errors import LifecycleError, SnapshotError
+from kasou.errors import KasouError, LifecycleError, SnapshotError
 from kasou.kvm import Kvm, VmFd
 from kasou.memory import GuestMemory
 from kasou.vmm.config import VmConfig
@@ -203,10 +203,32 @@ class Vm:
         total = sum(vcpu.exits for vcpu in self.vcpus)
         return {"io": io, "mmio": mmio, "other": total - io - mmio}
 
+    def _kvm_exits(self) -> tuple[dict[str, int], list[dict[str, int]]] | None:
+        """KVM's own exit counters (kasou/kvm/stats.py), summed over the vCPUs and each
+        vCPU's; None where the kernel has no binary statistics. One pread per vCPU."""
+        from kasou.kvm.stats import exit_counts
+
+        by_vcpu: list[dict[str, int]] = []
+        for vcpu in self.vcpus:
+            counts: dict[str, int] = {}
+            if vcpu.kvm_stats is not None:
+                try:
+                    counts = exit_counts(vcpu.kvm_stats.read().values)
+                except (KasouError, OSError) as error:
+                    log.debug("vCPU %d: KVM's counters unreadable: %s", vcpu.index, error)
+            by_vcpu.append(counts)
+        if not any(by_vcpu):
+            return None
+        total: dict[str, int] = {}
+        for counts in by_vcpu:
+            for reason, value in counts.items():
+                total[reason] = total.get(reason, 0) + value
+        return total, by_vcpu
+
     def status(self) -> dict[str, Any]:
         """What ``kasou status`` shows."""
         ending = self._ending
-        return {
+        status: dict[str, Any] = {
             "state": self._state.value,
             "vcpus": len(self.vcpus),
             "memory": self.memory.size,
@@ -217,6 +239,11 @@ class Vm:
             if ending is None
             else {"kind": ending.kind.value, "reason": ending.reason},
         }
+        kvm_exits = self._kvm_exits()
+        if kvm_exits is not None:
+            # Every exit, counted by KVM (kernel and user space alike); the reasons overlap.
+            status["kvm_exits"], status["kvm_exits_by_vcpu"] = kvm_exits
+        return status
 
     def virtio(self) -> dict[str, Any]:
         """The virtio transports by device id (``block0``, ``net0``, ``vsock``, ...)."""

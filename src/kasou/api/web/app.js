@@ -387,7 +387,9 @@ function select(name) {
 }
 
 // The restore list: the selected VM's backups (newest first), then the snapshot folder typed
-// in the snapshot form. Restoring makes a new VM (a clone) and starts it.
+// in the snapshot form. Restoring into a new name makes a new VM (a clone) and starts it; a
+// backup restored with the name left empty brings the selected VM itself back (it is stopped
+// first). The API has no such restore for a snapshot folder: that one needs a new name.
 async function loadBackups(name) {
   const list = $("#restore-source");
   list.replaceChildren();
@@ -441,24 +443,38 @@ $("#restore-form").addEventListener("submit", (event) => {
   const form = event.target;
   const status = $("#restore-status");
   const source = form.elements.source.value;
-  const target = form.elements.name.value;
+  const target = form.elements.name.value.trim();
   const name = selected;
   attempt(async () => {
-    status.textContent = `restoring into ${target}`;
     let vm;
-    if (source.startsWith("backup:")) {
-      const id = encodeURIComponent(source.slice("backup:".length));
-      vm = await api("POST", `/v1/vms/${encodeURIComponent(name)}/backups/${id}/restore`, {
-        name: target,
-      });
-    } else {
-      const path = $("#snapshot-form").elements.path.value;
-      vm = await api("POST", "/v1/vms?start=true", { name: target, restore: path, clone: true });
+    try {
+      vm = await restore(source, name, target, status);
+    } catch (error) {
+      status.textContent = "restore failed";
+      throw error;
     }
     status.textContent = `${vm.name} ${vm.state}`;
+    form.elements.name.value = "";
     await refreshSoon();
+    select(vm.name); // the restored VM, with its console
   });
 });
+
+/** Restore `source` (a backup of `name`, or the snapshot folder) into `target`. */
+async function restore(source, name, target, status) {
+  if (source.startsWith("backup:")) {
+    status.textContent = `restoring into ${target || name}`;
+    const id = encodeURIComponent(source.slice("backup:".length));
+    const body = target ? { name: target } : {};
+    return api("POST", `/v1/vms/${encodeURIComponent(name)}/backups/${id}/restore`, body);
+  }
+  const path = $("#snapshot-form").elements.path.value.trim();
+  if (!path || !target) {
+    throw new Error("A snapshot restores into a new VM: type its folder above and a new name.");
+  }
+  status.textContent = `restoring into ${target}`;
+  return api("POST", "/v1/vms?start=true", { name: target, restore: path, clone: true });
+}
 
 for (const button of document.querySelectorAll("button[data-action]")) {
   button.addEventListener("click", () =>

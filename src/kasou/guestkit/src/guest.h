@@ -230,6 +230,7 @@ __attribute__((noreturn)) void user_hostile(const struct user_args *args);
 __attribute__((noreturn)) void user_vlist(const struct user_args *args);
 __attribute__((noreturn)) void user_vblk(const struct user_args *args);
 __attribute__((noreturn)) void user_vblk_bench(const struct user_args *args);
+__attribute__((noreturn)) void user_vblk_watch(const struct user_args *args);
 __attribute__((noreturn)) void user_vrng(const struct user_args *args);
 __attribute__((noreturn)) void user_vnet(const struct user_args *args);
 __attribute__((noreturn)) void user_vsock(const struct user_args *args);

@@ -1079,6 +1079,7 @@ static const struct {
 	{ "vlist", NULL, user_vlist },
 	{ "vblk", NULL, user_vblk },
 	{ "vblk-bench", NULL, user_vblk_bench },
+	{ "vblk-watch", NULL, user_vblk_watch },
 	{ "vrng", NULL, user_vrng },
 	{ "vnet", NULL, user_vnet },
 	{ "vsock", NULL, user_vsock },

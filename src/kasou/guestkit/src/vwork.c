@@ -1,6 +1,6 @@
 /*
- * vwork.c - the test guest's virtio workloads (vlist, vblk, vblk-bench, vrng,
- * vnet, vsock, vbad), in ring 3 over the driver in virtio.c.
+ * vwork.c - the test guest's virtio workloads (vlist, vblk, vblk-bench,
+ * vblk-watch, vrng, vnet, vsock, vbad), in ring 3 over the driver in virtio.c.
  *
  * Each prints lines a host test reads (documented in kasou.guestkit's
  * docstring) and ends with "kasou-guest: done" or "kasou-guest: fail ...".
@@ -274,6 +274,36 @@ void user_vblk(const struct user_args *args)
 	uprintf("vblk verify sector=%lu count=%lu ok\n", sector, count);
 	uprintf("vblk ok\n");
 	udone();
+}
+
+/* ------------------------------------------------------------ vblk-watch */
+
+/*
+ * vblk-watch sector=S every=N: reads sector S of the first block device
+ * again and again, forever, and prints the CRC-32 of what it read every Nth
+ * read. A VM restored from a snapshot goes on reading from the disk it was
+ * restored with: the lines after the restore tell which content that has.
+ */
+void user_vblk_watch(const struct user_args *args)
+{
+	uint64_t sector = uarg(args, "sector", 0);
+	uint64_t every = uarg(args, "every", 64);
+	struct blk *b = &blk_a;
+	uint8_t *rbuf;
+
+	probe();
+	blk_start(args, b, need_device(VIRTIO_ID_BLOCK, 0, "block device"), 0);
+	if (sector >= b->capacity)
+		ufail("sector=%lu lies past the disk's %lu sectors", sector, b->capacity);
+	if (every == 0)
+		every = 1;
+	rbuf = dma_alloc(SECTOR, 4096);
+	uprintf("vblk-watch sector=%lu every=%lu\n", sector, every);
+	for (uint64_t reads = 1;; reads++) {
+		blk_check("watch read", blk_io(b, VIRTIO_BLK_T_IN, sector, rbuf, SECTOR));
+		if (reads % every == 0)
+			uprintf("vblk-watch read=%lu crc=0x%08x\n", reads, crc32(rbuf, SECTOR));
+	}
 }
 
 /* ------------------------------------------------------------ vblk-bench */
