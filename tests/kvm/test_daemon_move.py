@@ -5,13 +5,18 @@ The guest is the guest kit's ``memcheck`` workload: it rewrites its memory area 
 pass, checking every word, and prints ``memcheck: pass P`` every 8th pass. A VM that moved
 goes on at the destination from the pass it had reached (never printing ``memcheck: ready``
 again, no wrong word). A move that fails leaves the VM running at the source, the same
-process, and nothing on the destination: no VM, no listening socket.
+process, and nothing on the destination: no VM, no listening socket. The VM's definition
+moves with it: once it runs at the destination, a restart there (or its restart policy after
+a crash) boots it afresh from its kernel, and memcheck prints ``memcheck: ready`` again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from kasou.guestkit import FAIL_PREFIX, cmdline
-from kasou.sdk import AsyncClient, Client, Conflict, GuestFailure, NotFound
+from kasou.sdk import AsyncClient, Client, Conflict, GuestFailure, InvalidSpec, NotFound
 from kasou.spec import Operation, RestartPolicy, VmInfo, VmState
 
 from ._kasoud import Kasoud, free_port, remove_tmp, short_tmp
@@ -230,3 +235,62 @@ def test_the_cli_moves_a_vm(pair: tuple[Side, Side], guest_elf: Path) -> None:
     assert "moved cli to" in done.stdout and "running there" in done.stdout
     _arrived(b, "cli", reached)
     assert a.names() == []
+
+
+def _boots(side: Side, name: str) -> int:
+    return side.client.vms.logs(name).count(READY)
+
+
+def _passes_since_boot(side: Side, name: str) -> list[int]:
+    """The memcheck passes after the last boot's ready line (none before the first boot)."""
+    side.passes(name)  # no wrong word anywhere
+    text = side.client.vms.logs(name)
+    return [int(p) for p in PASS.findall(text.rpartition(READY)[2])] if READY in text else []
+
+
+def test_a_moved_vm_boots_from_its_spec_at_the_destination(
+    pair: tuple[Side, Side], guest_elf: Path
+) -> None:
+    a, b = pair
+    declared = _memcheck(a, "db", guest_elf).spec
+    reached = a.passes("db")[-1]
+    a.client.vms.move("db", b.client, listen=f"unix:{b.root / 'in.sock'}")
+    _arrived(b, "db", reached)
+    # The destination keeps the whole definition; once the VM runs there, incoming goes.
+    _until("the arrival", lambda: b.client.vms.get("db").spec.incoming is None)
+    assert b.client.vms.get("db").spec == declared
+    arrived = [event for event in b.client.event_log(vm="db") if event.kind == "arrived"]
+    assert [event.message for event in arrived] == ["arrived; later starts boot from the spec"]
+
+    # A restart boots the guest afresh (its console shows memcheck's ready line) and it runs.
+    assert _boots(b, "db") == 0
+    assert b.client.vms.restart("db").state is VmState.RUNNING
+    _until("a fresh boot", lambda: _boots(b, "db") == 1)
+    _until("memcheck after the restart", lambda: len(_passes_since_boot(b, "db")) >= 2)
+
+    # A crash (the VM process killed): restart=on-failure boots it again, not a wait.
+    pid = b.client.vms.get("db").pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _until("the restart after the crash", lambda: _boots(b, "db") == 2)
+    vm = b.client.vms.get("db")
+    assert vm.state is VmState.RUNNING and vm.restarts == 1 and vm.pid != pid, vm
+    assert vm.spec.incoming is None
+    assert "restarted" in b.kinds("db")
+    assert a.names() == [] and not (b.root / "in.sock").exists()
+
+
+def test_a_move_whose_kernel_is_missing_there_is_refused_before_it_starts(
+    pair: tuple[Side, Side], guest_elf: Path
+) -> None:
+    a, b = pair
+    # A kernel only the source had (both kasouds share this host's files): gone once booted.
+    kernel = a.root / "vmlinux"
+    shutil.copyfile(guest_elf, kernel)
+    pid = _memcheck(a, "lone", kernel).pid
+    kernel.unlink()
+    events = len(b.client.event_log())
+    with pytest.raises(InvalidSpec, match=r"kernel.*same path on both hosts.*runs on at the"):
+        a.client.vms.move("lone", b.client, listen=f"unix:{b.root / 'in.sock'}")
+    assert b.names() == [] and len(b.client.event_log()) == events
+    _runs_on(a, "lone", pid)

@@ -4,6 +4,8 @@ tests/kvm/test_daemon_move.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kasou.sdk import InvalidSpec
@@ -28,7 +30,7 @@ def test_the_source_connects_where_the_destination_listens(
     assert connect_url(listen, destination) == connect
 
 
-def test_the_destination_vm_keeps_what_the_user_declared_and_waits() -> None:
+def test_the_destination_vm_is_the_whole_spec_waiting() -> None:
     spec = VmSpec(
         name="db",
         kernel="/boot/vmlinux",
@@ -41,17 +43,42 @@ def test_the_destination_vm_keeps_what_the_user_declared_and_waits() -> None:
         restart=RestartPolicy.ALWAYS,
         labels={"tier": "db"},
         disks=["/srv/db.img"],
+        nets=["tap=db0"],
     )
     there = destination_spec(spec, "tcp://0.0.0.0:4444")
-    assert there == VmSpec(
-        name="db",
-        vcpus=2,
-        memory="512M",
-        acpi=False,
-        limits=Limits(cpu_weight=200),
-        restart=RestartPolicy.ALWAYS,
-        labels={"tier": "db"},
-        incoming="tcp://0.0.0.0:4444",
+    assert there == spec.model_copy(
+        update={"incoming": "tcp://0.0.0.0:4444", "boot_after_arrival": True}
     )
     with pytest.raises(InvalidSpec, match="incoming"):
         destination_spec(spec, "")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        VmSpec(name="db", restore="/var/snap/db", memory="512M", labels={"tier": "db"}),
+        VmSpec(name="db", incoming="unix:/run/in.sock", memory="512M", labels={"tier": "db"}),
+    ],
+)
+def test_a_vm_with_nothing_to_boot_from_moves_with_its_size_only(spec: VmSpec) -> None:
+    there = destination_spec(spec, "unix:/run/in.sock")
+    assert there == VmSpec(
+        name="db", memory="512M", labels={"tier": "db"}, incoming="unix:/run/in.sock"
+    )
+
+
+def test_the_default_guest_moves_whole_and_boots_as_itself_after_arrival() -> None:
+    """A spec of the default guest (a size, disks, no kernel) is bootable as it is: the
+    destination keeps it whole, marked to boot once the VM arrived."""
+    from kasou.daemon._specs import boots_once_arrived, run_argv
+
+    spec = VmSpec(name="db", memory="512M", labels={"tier": "db"}, disks=["/srv/db.img"])
+    there = destination_spec(spec, "unix:/run/in.sock")
+    assert there.disks == ["/srv/db.img"] and there.boot_after_arrival
+    assert boots_once_arrived(there)
+    waiting = run_argv(there, Path("/s/api.sock"), "sock:/s/c.sock")
+    assert waiting[:2] == ["--incoming", "unix:/run/in.sock"] and "--disk" not in waiting
+    arrived = there.model_copy(update={"incoming": None, "boot_after_arrival": False})
+    booting = run_argv(arrived, Path("/s/api.sock"), "sock:/s/c.sock")
+    assert booting[:4] == ["--memory", "512M", "--vcpus", "1"]
+    assert booting[booting.index("--disk") + 1] == "/srv/db.img"

@@ -354,7 +354,8 @@ def create(
         str | None,
         typer.Option(
             help="Wait for a VM sent by `kasou migrate` on unix:PATH or tcp://HOST:PORT "
-            "instead of booting (kasou restore makes one from a snapshot)."
+            "instead of booting (kasou restore makes one from a snapshot). With a kernel, "
+            "image or cmdline too, starts after it arrived boot from them."
         ),
     ] = None,
     json_output: JsonOption = False,

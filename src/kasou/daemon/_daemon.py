@@ -48,7 +48,13 @@ from typing import Any
 from kasou.client.control import ControlClient, RemoteError
 from kasou.daemon._backups import Backups
 from kasou.daemon._process import VmProcess, listens, read_status
-from kasou.daemon._specs import check_spec, console_option, memory_bytes, run_argv
+from kasou.daemon._specs import (
+    boots_once_arrived,
+    check_spec,
+    console_option,
+    memory_bytes,
+    run_argv,
+)
 from kasou.daemon._store import SqliteStore, Store, VmRecord
 from kasou.daemon._template import Template
 from kasou.errors import (
@@ -83,6 +89,7 @@ _STOP_GRACE = 10.0  # after a stop request, before SIGKILL
 _CONTROL_TIMEOUT = 5.0
 _KILL_WAIT = 2.0  # a killed VM process is gone within this
 _ENDING_WAIT = 2.0  # a VM whose control socket failed is seen ending within this, or runs
+_ARRIVAL_POLL = 0.05  # between looks at a VM waiting for a migration: has it arrived?
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +266,7 @@ class Daemon:
             if process is not None and not process.ended():
                 vm.process = process
                 self._event(record.name, "reattached", record.state, f"pid {record.pid}")
+                self._watch_arrival(vm)
                 continue
             if process is not None:  # ended, not yet reaped: its status may be ours to take
                 status, how = process.collect()
@@ -449,6 +457,12 @@ class Daemon:
         return self._stop(name, kill=False)
 
     def _stop(self, name: str, kill: bool) -> VmInfo:
+        with self._lock:
+            vm = self._vm(name)
+            process = vm.process
+        if process is not None:
+            # Arrived a moment ago, and not yet seen so: the next start boots from the spec.
+            self._note_arrival(vm, process)
         with self._lock:
             vm = self._vm(name)
             vm.record.desired = DesiredState.STOPPED
@@ -762,6 +776,7 @@ class Daemon:
                 process.signal(signal.SIGKILL)
         os.eventfd_write(self._wake, 1)
         log.debug("%s: started as pid %d", name, pid)
+        self._watch_arrival(vm)
 
     def _await_ready(self, vm: _Vm) -> None:
         """Wait until the VM's control socket reports it built, its process ends, or it is
@@ -794,6 +809,64 @@ class Daemon:
             # kasou run makes its socket a few ms in: poll, woken early by any change.
             with self._changed:
                 self._changed.wait(0.002)
+
+    def _watch_arrival(self, vm: _Vm) -> None:
+        """For a VM that waits for a migration and carries its boot fields: a thread that
+        drops ``incoming`` from its spec once it has arrived (``_note_arrival``)."""
+        with self._lock:
+            process = vm.process
+            if process is None or not boots_once_arrived(vm.record.spec):
+                return
+        threading.Thread(
+            target=self._await_arrival,
+            args=(vm, process),
+            name=f"kasoud-arrival-{vm.record.name}",
+            daemon=True,
+        ).start()
+
+    def _await_arrival(self, vm: _Vm, process: VmProcess) -> None:
+        # A wait of hours costs a stat of the control socket's path per look.
+        while not self._note_arrival(vm, process):
+            with self._changed:
+                if self._closing or vm.process is not process:
+                    return
+                self._changed.wait(_ARRIVAL_POLL)
+
+    def _note_arrival(self, vm: _Vm, process: VmProcess) -> bool:
+        """If ``process`` (``vm``'s, waiting for a migration) runs the VM that arrived, drop
+        ``incoming`` from the spec, so a restart, a stop and start or the restart policy
+        boot it from its boot fields like any VM. True once there is nothing more to wait
+        for (it arrived, ended, or the spec no longer waits)."""
+        with self._lock:
+            if vm.process is not process or not boots_once_arrived(vm.record.spec):
+                return True
+        if not vm.paths.api_sock.exists():  # the control socket comes with the VM
+            return False
+        try:
+            with ControlClient(vm.paths.api_sock, timeout=_CONTROL_TIMEOUT) as client:
+                state = client.request("status").get("state")
+        except (KasouError, OSError, ValueError):
+            return False
+        # Its vCPUs run (or were paused since): they start on the source's GO, and the source
+        # gives its VM up once this side's RUNNING reaches it (kasou.vmm.migration). Before
+        # GO the status is "booting" (arriving) or "created" (built). A link lost in the
+        # round trip between RUNNING and DONE stops this copy with an error after it was
+        # seen arriving: rare, and the one case where its restart policy boots it anew.
+        if state not in ("running", "paused"):
+            return False
+        with self._lock:
+            if vm.process is process and boots_once_arrived(vm.record.spec):
+                vm.record.spec = vm.record.spec.model_copy(
+                    update={"incoming": None, "boot_after_arrival": False}
+                )
+                self._store.put(vm.record)
+                self._event(
+                    vm.record.name,
+                    "arrived",
+                    vm.record.state,
+                    "arrived; later starts boot from the spec",
+                )
+        return True
 
     def _ended_before_listening(self, vm: _Vm) -> None:
         """If a VM that was to wait for a migration ended first (it could not listen): once

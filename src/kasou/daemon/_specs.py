@@ -3,7 +3,9 @@
 pydantic (``kasou.spec``) has already checked shapes and ranges. Here: the files a spec names
 exist and are readable, its memory fits the host, its disks and nets parse with the very
 parsers ``kasou run`` uses (``kasou.vmm.config``), and its limits are well formed. Each
-failure is a ``SpecError`` naming the field as the user wrote it (``disks[1]``).
+failure is a ``SpecError`` naming the field as the user wrote it (``disks[1]``). A VM that
+arrives by migration may carry its boot fields for the cold boots after it arrived
+(``boots_once_arrived``): they are checked as a new VM's, since it will boot from them here.
 
 Whether the name is taken is the daemon's business (it holds the table), not this module's.
 """
@@ -18,7 +20,7 @@ from kasou.memory.size import host_memory_bytes, parse_size
 from kasou.spec import VmSpec
 from kasou.vmm.config import parse_disk, parse_net
 
-__all__ = ["check_spec", "console_option", "memory_bytes", "run_argv"]
+__all__ = ["boots_once_arrived", "check_spec", "console_option", "memory_bytes", "run_argv"]
 
 
 def memory_bytes(text: str) -> int:
@@ -38,20 +40,16 @@ def _readable_file(field: str, text: str) -> None:
         raise SpecError(field, f"{text}: not readable by the daemon: fix its permissions")
 
 
-# What describes a new VM: a restored or incoming one brings its own (``kasou run`` refuses
-# them beside --restore and --incoming).
+# What describes how a VM boots. A restored VM brings its own (``kasou run`` refuses them
+# beside --restore); beside ``incoming`` they describe the VM's cold boots once it arrived.
 _BOOT_FIELDS = ("kernel", "initrd", "image", "cmdline")
 
 
 def _check_saved(spec: VmSpec) -> None:
-    """A VM brought back (``restore``) or arriving (``incoming``): no boot fields, and a
-    restore folder that holds a full kasou snapshot (its state file is read and checked)."""
-    given = [field for field in _BOOT_FIELDS if getattr(spec, field) is not None]
-    given += [flag for flag in ("rng", "balloon") if getattr(spec, flag)]
-    if given:
-        raise SpecError(
-            given[0], "describes a new VM; a restored or incoming one has its own: leave it out"
-        )
+    """A VM brought back (``restore``) or arriving (``incoming``): a restore folder that holds
+    a full kasou snapshot (its state file is read and checked) and no boot fields, or a
+    listening URL ``kasou run --incoming`` takes (boot fields beside it are checked by
+    ``check_spec`` like a new VM's)."""
     if spec.restore is not None and spec.incoming is not None:
         raise SpecError("incoming", "give restore or incoming, not both")
     if spec.clone and spec.restore is None:
@@ -65,6 +63,10 @@ def _check_saved(spec: VmSpec) -> None:
             raise SpecError("incoming", str(error)) from error
         return
     assert spec.restore is not None
+    given = [field for field in _BOOT_FIELDS if getattr(spec, field) is not None]
+    given += [flag for flag in ("rng", "balloon") if getattr(spec, flag)]
+    if given:
+        raise SpecError(given[0], "describes a new VM; a restored one has its own: leave it out")
     folder = Path(spec.restore)
     if not folder.is_absolute():
         raise SpecError("restore", f"{spec.restore!r} is relative: give an absolute path")
@@ -80,8 +82,17 @@ def _check_saved(spec: VmSpec) -> None:
         )
 
 
+def boots_once_arrived(spec: VmSpec) -> bool:
+    """Whether ``spec`` waits for a migration and then describes its cold boots: once the VM
+    has arrived, ``incoming`` is dropped and later starts boot from the spec. Without boot
+    fields an incoming VM waits again at each start."""
+    return spec.incoming is not None and (spec.boot_after_arrival or spec.describes_boot())
+
+
 def check_spec(spec: VmSpec, host_memory: int | None = None) -> None:
     """Raise ``SpecError`` unless ``spec`` is one ``kasou run`` can start on this host."""
+    if spec.boot_after_arrival and spec.incoming is None:
+        raise SpecError("boot_after_arrival", "is for a VM that arrives: give incoming too")
     if spec.restore is not None or spec.incoming is not None or spec.clone:
         _check_saved(spec)
     for field in ("kernel", "initrd", "image"):
@@ -135,30 +146,31 @@ def console_option(console_sock: Path, console_log: Path) -> str:
 
 
 def run_argv(spec: VmSpec, api_sock: Path, console: str) -> list[str]:
-    """The ``kasou run`` arguments (without ``run``) that start ``spec``."""
-    if spec.restore is not None or spec.incoming is not None:
-        # Memory, vCPUs and devices are the saved VM's; disks and nets given replace its own.
-        if spec.restore is not None:
-            argv = ["--restore", spec.restore] + (["--clone"] if spec.clone else [])
-        else:
-            argv = ["--incoming", str(spec.incoming)]
+    """The ``kasou run`` arguments (without ``run``) that start ``spec``.
+
+    A VM with ``restore`` or ``incoming`` has its memory, vCPUs and devices from the snapshot
+    or the stream; ``disks`` and ``nets`` replace its own, except beside boot fields: there
+    they describe the VM's later cold boots, and the VM arrives with the disks and
+    interfaces it had (``check_spec`` made sure they are here, at the same paths).
+    """
+    if spec.restore is not None:
+        argv = ["--restore", spec.restore] + (["--clone"] if spec.clone else [])
+    elif spec.incoming is not None:
+        argv = ["--incoming", spec.incoming]
     else:
         argv = ["--memory", spec.memory, "--vcpus", str(spec.vcpus)]
-    for field in ("kernel", "initrd", "image", "cmdline"):
-        value = getattr(spec, field)
-        if value is not None:
-            argv += [f"--{field}", value]
-    for disk in spec.disks:
-        argv += ["--disk", disk]
-    for net in spec.nets:
-        argv += ["--net", net]
-    saved = spec.restore is not None or spec.incoming is not None
-    if spec.rng and not saved:
-        argv.append("--rng")
-    if spec.balloon and not saved:
-        argv.append("--balloon")
-    if not spec.acpi and not saved:
-        argv.append("--no-acpi")
+        for field in _BOOT_FIELDS:
+            value = getattr(spec, field)
+            if value is not None:
+                argv += [f"--{field}", value]
+        argv += ["--rng"] if spec.rng else []
+        argv += ["--balloon"] if spec.balloon else []
+        argv += [] if spec.acpi else ["--no-acpi"]
+    if not boots_once_arrived(spec):
+        for disk in spec.disks:
+            argv += ["--disk", disk]
+        for net in spec.nets:
+            argv += ["--net", net]
     limits = spec.limits
     if limits is not None:
         if limits.cpus_quota is not None:

@@ -19,10 +19,16 @@ before the source's migration completes leaves the VM running at A and nothing o
 destination's VM is removed only once the source says the migration failed (or it never
 began), never while the VM might already run there.
 
-The destination's record has the VM's name, size, ACPI flag, limits, labels and restart
-policy; its devices come in the stream (``kasou.vmm.migration``): disks named by path must
-exist at the same path on B (shared storage), scratch disks are copied, TAP interfaces are
-opened by the same name. This module does no I/O of its own.
+The destination's record is the source's whole spec with ``incoming``: the VM arrives with
+its devices (``kasou.vmm.migration``: disks named by path must exist at the same path on B,
+shared storage; scratch disks are copied; TAP interfaces are opened by the same name), and
+once it runs there B drops ``incoming``, so a restart there boots it from its kernel or
+image, or as the default guest, like any VM (``boot_after_arrival`` says so for the default
+guest, whose spec has no boot fields). B checks at create that the spec's files are there: a
+missing one is an ``InvalidSpec`` before anything starts. A VM that was itself restored, or
+one that arrived with nothing to boot from, moves with its name, size, ACPI flag, limits,
+labels and restart policy only, and waits for a migration again when started there. This
+module does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from kasou.sdk._errors import (
     ApiError,
     Conflict,
     GuestFailure,
+    InvalidSpec,
     InvalidState,
     NotFound,
     error_for,
@@ -97,9 +104,17 @@ _Steps = Generator[_Step, Any, VmInfo]
 
 
 def destination_spec(spec: VmSpec, listen: str) -> VmSpec:
-    """The VM to declare on the destination: ``spec``'s name, size, ACPI flag, limits, labels
-    and restart policy, waiting on ``listen`` for the migration (what boots it comes with it)."""
+    """The VM to declare on the destination, waiting on ``listen`` for the migration:
+    ``spec`` whole, for the cold boots after it arrived (``boot_after_arrival``: from its
+    boot fields, or as the default guest); or, for a restored VM or one that arrived with
+    nothing to boot from, its name, size, ACPI flag, limits, labels and restart policy (what
+    boots it comes with it, each time)."""
     try:
+        if spec.restore is None and (
+            spec.incoming is None or spec.describes_boot() or spec.boot_after_arrival
+        ):
+            whole = {**spec.model_dump(), "incoming": listen, "boot_after_arrival": True}
+            return VmSpec.model_validate(whole)
         return VmSpec(
             name=spec.name,
             vcpus=spec.vcpus,
@@ -167,7 +182,15 @@ def _steps(
                 "another VM; nothing was changed",
             )
         )
-    there: VmInfo = yield _Ask(_Side.DESTINATION, _calls.create(spec, True, {}))
+    try:
+        there: VmInfo = yield _Ask(_Side.DESTINATION, _calls.create(spec, True, {}))
+    except InvalidSpec as error:
+        raise _failure(
+            error.problem,
+            f"kasoud on {where} refuses {name} as declared (a kernel, image or disk must be "
+            f"at the same path on both hosts); nothing was changed, {name} runs on at the "
+            "source",
+        ) from None
     # While False, the destination's VM holds nothing and is removed on the way out.
     sent = False
     try:

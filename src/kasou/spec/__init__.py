@@ -119,7 +119,17 @@ class VmSpec(_Strict):
     clone: bool = False
     # A VM that arrives by live migration (``kasou run --incoming URL``): it waits on ``URL``
     # (``unix:PATH`` or ``tcp://HOST:PORT``) for a ``kasou migrate`` and runs what comes.
+    # Boot fields beside it (``describes_boot``), or ``boot_after_arrival`` for the default
+    # guest (which has none), are for its cold boots once it arrived: the daemon then drops
+    # ``incoming``. Without them it waits again at each start.
     incoming: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    boot_after_arrival: bool = False
+
+    def describes_boot(self) -> bool:
+        """Whether the spec says how the VM boots (kernel, initrd, image, cmdline, rng or
+        balloon), beyond the default guest of a given size."""
+        given = (self.kernel, self.initrd, self.image, self.cmdline)
+        return any(value is not None for value in given) or self.rng or self.balloon
 
 
 class VmUpdate(_Strict):
