@@ -3,7 +3,8 @@
 One kasoud for the module and one default guest (``dg``) booted through it: its serial console
 over the WebSocket (a root shell on ttyS0 answers ``uname -a``), exec with the output
 streamed, files written and read back through the agent, a backup restored into a new VM
-with the file found there, and a Sandbox cloned from a template made through kasoud.
+with the file found there and its data disk as it was at the backup, and a Sandbox cloned
+from a template made through kasoud.
 
 Each wait has a deadline; the guest boots in ~20 s in the nested host.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from kvm._kasoud import Kasoud, remove_tmp, short_tmp
 from .conftest import BOOT_TIMEOUT
 
 NAME = "dg"
+DATA_DISK_SIZE = 16 << 20
 
 
 def _wait_for_agent(client: Client, name: str) -> None:
@@ -69,9 +72,20 @@ def client(kasoud: Kasoud) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def guest(client: Client) -> str:
-    """The default guest, created and started through the SDK, its agent answering."""
-    vm = client.vms.create(name=NAME, memory="256M", start=True)
+def data_disk() -> Iterator[Path]:
+    """A raw data disk the user attaches by path (the guest's /dev/vdb)."""
+    folder = short_tmp()
+    disk = folder / "data.raw"
+    disk.write_bytes(bytes(DATA_DISK_SIZE))
+    yield disk
+    remove_tmp(folder)
+
+
+@pytest.fixture(scope="module")
+def guest(client: Client, data_disk: Path) -> str:
+    """The default guest with a data disk, created and started through the SDK, its agent
+    answering."""
+    vm = client.vms.create(name=NAME, memory="256M", disks=[f"{data_disk},format=raw"], start=True)
     assert vm.state is VmState.RUNNING
     _wait_for_agent(client, NAME)
     return NAME
@@ -105,16 +119,34 @@ def test_files_go_in_and_come_out_through_the_agent(client: Client, guest: str) 
     assert size == str(len(data))
 
 
+def _write_disk(client: Client, name: str, text: str) -> None:
+    """``text`` at the start of the guest's data disk, past its page cache."""
+    script = f"printf %s {text} | dd of=/dev/vdb conv=fsync 2>/dev/null"
+    assert client.vms.exec(name, ["sh", "-c", script]).exit_code == 0
+
+
+def _read_disk(client: Client, name: str, size: int) -> str:
+    # Clean pages dropped first: what is read comes from the disk, not the page cache.
+    script = (
+        f"sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs={size} count=1 2>/dev/null"
+    )
+    return client.vms.exec(name, ["sh", "-c", script]).stdout
+
+
 def test_a_backup_restored_into_a_new_vm_has_the_file(
-    kasoud: Kasoud, client: Client, guest: str
+    kasoud: Kasoud, client: Client, guest: str, data_disk: Path
 ) -> None:
     client.files.write(guest, "/root/marker", b"before the backup\n")
     assert client.vms.exec(guest, ["sync"]).exit_code == 0
+    _write_disk(client, guest, "before")
     created = kasoud.api.post(f"/v1/vms/{guest}/backups")
     if created.status_code == 404 and "backups" not in kasoud.api.get("/openapi.json").text:
         pytest.skip("this kasoud has no backups API")
     assert created.status_code == 202, created.text
     backup = _operation(kasoud, created.json())["result"]
+    # The data disk changes after the backup: the backup holds it as it was.
+    _write_disk(client, guest, "after!")
+    assert data_disk.read_bytes()[:6] == b"after!"
     restored = kasoud.api.post(
         f"/v1/vms/{guest}/backups/{backup['id']}/restore", json={"name": "dg-restored"}
     )
@@ -122,6 +154,9 @@ def test_a_backup_restored_into_a_new_vm_has_the_file(
     try:
         _wait_for_agent(client, "dg-restored")
         assert client.files.read("dg-restored", "/root/marker") == b"before the backup\n"
+        assert _read_disk(client, "dg-restored", 512)[:6] == "before"
+        assert _read_disk(client, guest, 512)[:6] == "after!"
+        assert data_disk.read_bytes()[:6] == b"after!"  # the restore did not write it
         # The copy is a VM of its own: a change there does not reach the original.
         client.files.write("dg-restored", "/root/marker", b"changed\n")
         assert client.files.read(guest, "/root/marker") == b"before the backup\n"

@@ -13,6 +13,8 @@ in the caller's directory, streams its output back, and powers the VM off::
     result.status, result.output                   # 0, "crw------- 1 root root 10, 232 ..."
 
 Host folders given as ``shares`` are mounted writable at their own paths, for results.
+The nested host has no network; each of ``forwards`` (``parse_forward("8080:80")``) lets
+this host's 127.0.0.1:8080 reach its port 80, and nothing else in or out.
 
 ``prepare()`` builds the outer kernel and initramfs once (cached under
 ``$KASOU_CACHE_DIR/nested``); ``nested_available()`` says whether this host can do it at all.
@@ -25,12 +27,15 @@ from pathlib import Path
 
 from kasou.nested._errors import NestedError
 from kasou.nested._image import STOCK_BZIMAGE, prepare
+from kasou.nested._network import Forward, parse_forward
 from kasou.nested._run import NestedResult, nested_available, run_nested
 
 __all__ = [
+    "Forward",
     "NestedError",
     "NestedResult",
     "nested_available",
+    "parse_forward",
     "prepare",
     "run_nested",
     "stock_bzimage",

@@ -10,13 +10,14 @@
   decompression. Otherwise it is the bzImage as shipped;
 - ``initramfs.cpio.gz``: busybox (static) as the shell of ``/init``, the modules the nested
   host needs (9p over virtio-pci for the host's root, virtio-serial for the command's output,
-  kvm-amd for /dev/kvm, overlay for a writable root), uncompressed, and ``/init`` itself;
+  kvm-amd for /dev/kvm, overlay for a writable root, virtio-net for forwarded ports),
+  uncompressed, and ``/init`` itself;
 - ``info.json``: which kernel package and modules went in.
 
 The key hashes everything that decides the initramfs except the kernel (busybox's bytes, the
-init script, the module list, this layout's version), so finding an entry needs no apt query
-(apt-cache takes about a second per call here). The kernel is the one Debian offered when the
-entry was built; delete the entry to pick up a newer one.
+init script and what is filled into it, the module list, this layout's version), so finding
+an entry needs no apt query (apt-cache takes about a second per call here). The kernel is the
+one Debian offered when the entry was built; delete the entry to pick up a newer one.
 
 What /init does is drawn in ``_INIT``. The archive is written by kasou.image's newc writer
 and the cache lives beside the default guest's (kasou.image's ``cache_dir``). This module
@@ -42,6 +43,7 @@ from kasou.image._cpio import Entry, write_cpio_gz
 from kasou.nested._cache import ensure_entry
 from kasou.nested._errors import NestedError
 from kasou.nested._modules import ModuleError, module_bytes, resolve_modules
+from kasou.nested._network import GUEST_ADDRESS
 
 __all__ = [
     "CONTROL_TAG",
@@ -77,7 +79,7 @@ _META_PACKAGE = "linux-image-amd64"
 # The modules /init loads, named by what they give; resolve_modules adds what they depend on
 # (for Debian 12's 6.1: 9pnet netfs fscache 9p virtio_ring virtio 9pnet_virtio
 # virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console irqbypass kvm ccp
-# kvm_amd overlay tun).
+# kvm_amd overlay tun failover net_failover virtio_net).
 _WANTED_MODULES = (
     "9p",
     "9pnet_virtio",
@@ -86,6 +88,7 @@ _WANTED_MODULES = (
     "kvm_amd",
     "overlay",
     "tun",  # TAP devices for the guests' virtio-net interfaces
+    "virtio_net",  # the NIC of forwarded ports (``_network``), when QEMU gives one
 )
 _BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 
@@ -151,6 +154,16 @@ mount -t tmpfs -o mode=0755 run $r/run || fail "cannot mount /run"
 . "$ctl/mounts.sh" || fail "cannot mount the shared folders"
 hostname kasou-nested
 ip link set lo up || fail "cannot bring up the loopback interface"
+# The NIC that carries forwarded ports (kasou.nested._network) exists only when ports are
+# forwarded; loopback is the one interface without a device behind it. It gets slirp's guest
+# address and no route: there is nowhere to go, only connections coming in.
+for dev in /sys/class/net/*; do
+	[ -e "$dev/device" ] || continue
+	nic=${dev##*/}
+	ip addr add @GUEST_ADDRESS@ dev "$nic" && ip link set "$nic" up \
+		|| fail "cannot bring up the network interface $nic"
+	say "$nic up at @GUEST_ADDRESS@ for the forwarded ports"
+done
 say "file systems mounted at $(uptime_s) s"
 
 # The output port appears once QEMU has announced it over virtio-serial's control queue
@@ -200,6 +213,7 @@ def init_script(module_names: list[str]) -> str:
         .replace("@HOST_ROOT_TAG@", HOST_ROOT_TAG)
         .replace("@OUTPUT_PORT@", OUTPUT_PORT)
         .replace("@ROOT_OPTIONS@", _ROOT_OPTIONS)
+        .replace("@GUEST_ADDRESS@", GUEST_ADDRESS)
     )
 
 
@@ -244,7 +258,8 @@ def build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
 
 def _cache_key(busybox: bytes) -> str:
     digest = hashlib.sha256()
-    for part in (_LAYOUT_VERSION, _INIT, _ROOT_OPTIONS, " ".join(_WANTED_MODULES), _META_PACKAGE):
+    parts = (_LAYOUT_VERSION, _INIT, _ROOT_OPTIONS, GUEST_ADDRESS, " ".join(_WANTED_MODULES))
+    for part in (*parts, _META_PACKAGE):
         digest.update(part.encode() + b"\0")
     digest.update(hashlib.sha256(busybox).digest())
     return f"{_KEY_PREFIX}{digest.hexdigest()[:16]}"

@@ -8,6 +8,7 @@ One run::
     each shared folder ─────────── 9p kasoushare<N> ── the same path in the new root
     out.sock  <──────── virtio-serial port "kasou.out" ── the command's stdout and stderr
     console.log  <───── ttyS0 ── kernel console and /init's own messages
+    127.0.0.1:HOSTPORT ── slirp, restrict=on ── virtio-net 10.0.2.15:GUESTPORT (with forwards)
 
 QEMU runs in its own process group and session (so a Ctrl-C at the terminal reaches only the
 caller) and is killed with the whole group on every way out of ``run_nested``: a timeout, an
@@ -22,8 +23,8 @@ a blocking write in the guest returns only once QEMU has taken the bytes, so not
 when /init powers off right after the command ends (drivers/char/virtio_console.c,
 __send_to_port, waits for the host to use the buffer).
 
-This module does not build the kernel or initramfs (``_image``) or choose how the command is
-quoted (``_command``).
+This module does not build the kernel or initramfs (``_image``), choose how the command is
+quoted (``_command``) or write the network's options (``_network``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from kasou.nested._image import (
     find_busybox,
     prepare,
 )
+from kasou.nested._network import Forward, check_host_ports, netdev_options
 
 __all__ = ["NestedResult", "nested_available", "qemu_command", "run_nested"]
 
@@ -134,10 +136,11 @@ def qemu_command(
     memory_mib: int,
     cpus: int,
     shares: Sequence[str] = (),
+    forwards: Sequence[Forward] = (),
 ) -> list[str]:
     """QEMU's argv for one run: the kernel and initramfs from cache ``entry``, the host root,
     ``workdir/share`` and each of ``shares`` over 9p, output to ``workdir/out.sock``, console
-    to ``workdir/console.log``."""
+    to ``workdir/console.log``; with ``forwards``, a NIC that carries just them."""
     accel = "tcg,thread=multi" if cpus > 1 else "tcg"
     folders: list[str] = []
     for index, path in enumerate(shares):
@@ -170,6 +173,7 @@ def qemu_command(
         "-chardev", f"socket,id=kasouout,path={_opt(workdir / 'out.sock')}",
         "-device", f"virtserialport,bus=kasouserial.0,chardev=kasouout,name={OUTPUT_PORT}",
         *folders,
+        *netdev_options(forwards),
     ]  # fmt: skip
 
 
@@ -249,6 +253,7 @@ def run_nested(
     stream: bool = True,
     env: Mapping[str, str] | None = None,
     shares: Sequence[Path] = (),
+    forwards: Sequence[Forward] = (),
 ) -> NestedResult:
     """Run ``command`` as root in a nested host that has a real /dev/kvm; return how it ended.
 
@@ -257,12 +262,15 @@ def run_nested(
     /dev, in ``cwd`` (default: the current directory), with PATH and HOME from this process
     plus ``env``. Each folder in ``shares`` is mounted writable at its own path (over the
     fresh /tmp too), so results can come back; a ``cwd`` under /tmp or /run is shared the same
-    way, or it would be hidden. Its stdout and stderr are collected and, with
+    way, or it would be hidden. Each of ``forwards`` makes a TCP port of this host
+    (127.0.0.1 only) reach a port of the nested host, which otherwise has no network; the
+    nested host still reaches nothing outside. Its stdout and stderr are collected and, with
     ``stream``, copied to
     ``sys.stdout`` as they arrive. The first call builds the outer kernel and initramfs
     (``prepare``). ``timeout`` counts from QEMU's start and covers the boot.
 
-    Raises ``ConfigError`` for an unusable argument and ``NestedError`` when the nested host
+    Raises ``ConfigError`` for an unusable argument (a forwarded host port already taken, too)
+    and ``NestedError`` when the nested host
     is unavailable, fails to boot, or runs past ``timeout`` (QEMU is then killed).
     """
     cwd = Path.cwd() if cwd is None else Path(cwd)
@@ -289,6 +297,8 @@ def run_nested(
         mounts = encode_mounts(folders)
     except ValueError as error:
         raise ConfigError("shares", str(error)) from error
+    forwards = list(forwards)
+    check_host_ports(forwards)
     reason = nested_available()
     if reason is not None:
         raise NestedError(f"the nested host cannot run here: {reason}")
@@ -301,7 +311,15 @@ def run_nested(
         share.mkdir()
         (share / "command.sh").write_bytes(script)
         (share / "mounts.sh").write_bytes(mounts)
-        argv = qemu_command(qemu, entry, workdir, memory_mib=memory_mib, cpus=cpus, shares=folders)
+        argv = qemu_command(
+            qemu,
+            entry,
+            workdir,
+            memory_mib=memory_mib,
+            cpus=cpus,
+            shares=folders,
+            forwards=forwards,
+        )
         _log.debug("starting the outer VM: %s", argv)
         sink = _Streamer() if stream else None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
