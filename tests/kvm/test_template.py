@@ -123,3 +123,49 @@ def test_an_unused_spare_ends_with_the_template(
     template.close()
     assert len(reaped) == 1
     assert not _alive(reaped[0])
+
+
+def test_a_vm_says_on_the_pipe_it_was_given_when_its_vcpus_run(
+    folder: Path, guest_elf: Path
+) -> None:
+    # kasoud waits for this instead of asking the VM's control socket while it builds.
+    template = Template(folder / "template.log")
+    vm = folder / "vm"
+    vm.mkdir()
+    booted, writer = os.pipe()
+    pid = None
+    try:
+        pid = template.spawn(_argv(guest_elf, vm), vm, booted=writer)
+        os.close(writer)
+        assert select.select([booted], [], [], 30)[0], "the VM kept its end of the pipe"
+        assert os.read(booted, 8) == _template.BOOTED
+        assert os.read(booted, 8) == b""  # and closed it
+        assert _alive(pid)
+        assert _status(vm / "api.sock")["state"] == "running"  # built, its vCPU started
+    finally:
+        os.close(booted)
+        template.close()
+        if pid is not None:
+            os.kill(pid, 9)
+            wait_gone(pid)
+
+
+def test_a_vm_that_cannot_be_built_closes_the_pipe_as_it_ends(
+    folder: Path, guest_elf: Path
+) -> None:
+    template = Template(folder / "template.log")
+    vm = folder / "vm"
+    vm.mkdir()
+    booted, writer = os.pipe()
+    try:
+        argv = [*_argv(guest_elf, vm), "--memory", "1K"]  # less RAM than any VM takes
+        pid = template.spawn(argv, vm, booted=writer)
+        os.close(writer)
+        assert select.select([booted], [], [], 30)[0], "the VM kept its end of the pipe"
+        assert os.read(booted, 8) == b""  # closed as it ended, without a word
+        wait_gone(pid)
+    finally:
+        os.close(booted)
+        template.close()
+    assert (vm / "exit").read_text() == "2\n"
+    assert "kasou: error:" in (vm / "stderr.log").read_text()

@@ -11,7 +11,10 @@ from kasou.cli.options import RUN_EXAMPLE, RUN_OPTIONS
 from kasou.errors import KasouError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kasou.vmm.vcpu import GuestExit
+    from kasou.vmm.vm import Vm
 
 __all__ = ["parser", "run_command", "run_vm"]
 
@@ -57,9 +60,15 @@ def run_command(args: list[str]) -> int:
     return run_vm(options)
 
 
-def run_vm(options: dict[str, object]) -> int:
-    """Build the config from parsed options, run the VM, map its end to an exit status."""
+def run_vm(options: dict[str, object], started: Callable[[bool], None] | None = None) -> int:
+    """Build the config from parsed options, run the VM, map its end to an exit status.
+
+    ``started`` is called once: with True when the first boot's vCPUs run (the VM is built:
+    its control socket no longer says "booting"), with False at once for a VM that has no
+    such moment here (a jailed VM runs in its jail's process, an incoming one waits for its
+    sender); not at all when the VM cannot be built."""
     scratch: list[Path] = []
+    on_boot = None if started is None else _once(started)
     try:
         from kasou.vmm.runner import print_crash, run
 
@@ -68,14 +77,18 @@ def run_vm(options: dict[str, object]) -> int:
                 from kasou.errors import ConfigError
 
                 raise ConfigError("jail", "--jail runs a new VM: not with --restore or --incoming")
-            ending = _run_saved(options, scratch)
+            if options.get("incoming") and started is not None:
+                started(False)
+            ending = _run_saved(options, scratch, on_boot)
         else:
             config = _config(options, scratch)
             if config.jail is not None:
                 from kasou.vmm.jailed import run_jailed_vm
 
+                if started is not None:
+                    started(False)
                 return run_jailed_vm(config)  # the VMM ran, and reported, in the jail
-            ending = run(config)
+            ending = run(config, on_boot=on_boot)
     except KasouError as error:
         sys.stderr.write(f"kasou: error: {error}\n")
         return 2
@@ -109,7 +122,24 @@ _BOOT_OPTIONS = (
 )
 
 
-def _run_saved(options: dict[str, object], scratch: list[Path]) -> GuestExit:
+def _once(started: Callable[[bool], None]) -> Callable[[Vm], None]:
+    """``run``'s ``on_boot`` (called at each boot) that calls ``started(True)`` at the
+    first."""
+    calls: list[None] = []
+
+    def on_boot(vm: Vm) -> None:
+        if not calls:
+            calls.append(None)
+            started(True)
+
+    return on_boot
+
+
+def _run_saved(
+    options: dict[str, object],
+    scratch: list[Path],
+    on_boot: Callable[[Vm], None] | None = None,
+) -> GuestExit:
     """``--restore DIR`` or ``--incoming URL``: a VM saved by a snapshot or sent by a
     migration, with the disks, interfaces and sockets given here replacing the saved ones."""
     from kasou.errors import ConfigError
@@ -146,7 +176,7 @@ def _run_saved(options: dict[str, object], scratch: list[Path]) -> GuestExit:
     from kasou.vmm.snapshot import load_snapshot
 
     image = load_snapshot(Path(str(options["restore"])), scratch=scratch, **overrides)
-    return run(image.config, restore=image)
+    return run(image.config, restore=image, on_boot=on_boot)
 
 
 def _config(options: dict[str, object], scratch: list[Path]) -> Any:

@@ -2,7 +2,10 @@
 
 ``kasoud`` (``kasou.daemon``) starts it as ``python -m kasou.cli.template FD PARENT`` with one
 end of a ``SOCK_SEQPACKET`` socket pair as FD. It first says ``{"ready": true, "spare": N}``;
-each packet it reads then is a spawn request, JSON ``{"argv": [...], "dir": PATH}``; it
+each packet it reads then is a spawn request, JSON ``{"argv": [...], "dir": PATH}``, with at
+most one fd (SCM_RIGHTS): a pipe's write end, passed on to the VM, which writes ``B`` to it
+once its vCPUs run and closes it (closes it at once when it cannot tell: ``--jail``,
+``--incoming``), so that kasoud waits for it without asking it anything while it builds. It
 answers ``{"pid": N, "spare": M}`` or ``{"error": TEXT, "spare": M}``, and says
 ``{"spare": M}`` alone whenever it forks a new spare between two requests (``spare``: the
 process kept for the next VM, or null; the daemon reaps it once the template has gone). A VM
@@ -59,12 +62,17 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+_BOOTED = b"B"  # written to the pipe of a VM whose vCPUs run (kasou.daemon._template)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _MAX_REQUEST = 1 << 20
 _REFILL_DELAY = 0.005  # seconds after a launch before the next spare is forked
 
 
-def _preload() -> tuple[Callable[[list[str]], int], Callable[[list[str]], _Guess]]:
+# ``kasou run ARGV`` in a spare; the int (or None) is the fd it closes once its vCPUs run.
+_Run = Callable[[list[str], int | None], int]
+
+
+def _preload() -> tuple[_Run, Callable[[list[str]], _Guess]]:
     """Import what ``kasou run`` imports for a guest-kit VM and the default guest, and make
     what every VM would otherwise make again; return ``kasou run`` for the VMs to call, and
     what reads the guest RAM size and kernel from its arguments."""
@@ -96,9 +104,19 @@ def _preload() -> tuple[Callable[[list[str]], int], Callable[[list[str]], _Guess
         # VM is its maker's process's).
         kasou.vmm.builder.rehearse()
 
-    def run(argv: list[str]) -> int:
-        # kasou.cli.fastrun.run_command, with the parser built above.
-        return kasou.cli.fastrun.run_vm(vars(parse.parse_args(argv)))
+    def run(argv: list[str], booted: int | None) -> int:
+        # kasou.cli.fastrun.run_command, with the parser built above, and ``booted`` closed
+        # once the VM's vCPUs run (a "B" written first), or at once for a VM that cannot
+        # tell (the daemon waits for its end of the pipe: kasou.daemon._template).
+        def started(running: bool) -> None:
+            assert booted is not None
+            with contextlib.suppress(OSError):  # the daemon gave up waiting
+                if running:
+                    os.write(booted, _BOOTED)
+            os.close(booted)
+
+        options = vars(parse.parse_args(argv))
+        return kasou.cli.fastrun.run_vm(options, None if booted is None else started)
 
     def guess(argv: list[str]) -> _Guess:
         from kasou.memory import parse_size
@@ -151,7 +169,7 @@ def _exit_status(leave: SystemExit) -> int:
 
 
 def _become_vm(
-    run: Callable[[list[str]], int], argv: list[str], directory: str, guard: Seccomp | None
+    run: _Run, argv: list[str], directory: str, guard: Seccomp | None, booted: int | None
 ) -> NoReturn:
     """Runs in the spare once its request came: never returns."""
     status = 1
@@ -168,7 +186,7 @@ def _become_vm(
         os.close(log)
         if guard is not None:
             guard.report_to(2)  # its reporter was forked with the template's log as fd 2
-        status = run(argv)
+        status = run(argv, booted)
     except SystemExit as leave:
         status = _exit_status(leave)
     except BaseException:
@@ -188,7 +206,7 @@ def _become_vm(
 
 
 def _wait_for_request(
-    run: Callable[[list[str]], int],
+    run: _Run,
     channel: socket.socket,
     seccomp: bool,
     ahead: Callable[[], _Guess] | None,
@@ -221,7 +239,8 @@ def _wait_for_request(
             # After the filters' reporter was forked (it holds no KVM VM); not for a jailed
             # VMM, which opens /dev/kvm inside its jail.
             _prepare_vm(ahead())
-        request = channel.recv(_MAX_REQUEST)
+        request, fds, _, _ = socket.recv_fds(channel, _MAX_REQUEST, 1)
+        booted = fds[0] if fds else None  # the template's own packet: one fd at most
         if not request:  # the template ended
             if guard is not None:
                 guard.close()
@@ -231,7 +250,7 @@ def _wait_for_request(
     except BaseException:
         traceback.print_exc()
         os._exit(1)
-    _become_vm(run, fields["argv"], fields["dir"], guard)
+    _become_vm(run, fields["argv"], fields["dir"], guard, booted)
 
 
 class _Spare:
@@ -239,7 +258,7 @@ class _Spare:
 
     def __init__(
         self,
-        run: Callable[[list[str]], int],
+        run: _Run,
         seccomp: bool = True,
         ahead: Callable[[], _Guess] | None = None,
     ) -> None:
@@ -275,10 +294,12 @@ class _Spare:
         self.pid = int(text)
         self._channel = ours
 
-    def launch(self, argv: list[str], directory: str) -> None:
-        """Make it the VM ``argv`` in ``directory`` (OSError if it is gone)."""
+    def launch(self, argv: list[str], directory: str, booted: int | None) -> None:
+        """Make it the VM ``argv`` in ``directory``, passing it ``booted`` (OSError if it is
+        gone)."""
+        packet = json.dumps({"argv": argv, "dir": directory}).encode()
         try:
-            self._channel.send(json.dumps({"argv": argv, "dir": directory}).encode())
+            socket.send_fds(self._channel, [packet], [] if booted is None else [booted])
         finally:
             self._channel.close()
 
@@ -290,9 +311,7 @@ class _Spare:
 class _Spares:
     """One spare kept ready; ``launch`` hands it a request, ``refill`` forks the next."""
 
-    def __init__(
-        self, run: Callable[[list[str]], int], guess: Callable[[list[str]], _Guess]
-    ) -> None:
+    def __init__(self, run: _Run, guess: Callable[[list[str]], _Guess]) -> None:
         self._run = run
         self._guess = guess
         self._next: _Spare | None = None
@@ -312,20 +331,20 @@ class _Spares:
             except OSError as error:  # the next request tries again, and reports it
                 sys.stderr.write(f"kasou template: cannot fork a spare VM process: {error}\n")
 
-    def launch(self, argv: list[str], directory: str) -> int:
-        """The pid of the process that now becomes the VM."""
+    def launch(self, argv: list[str], directory: str, booted: int | None) -> int:
+        """The pid of the process that now becomes the VM (it gets ``booted``)."""
         self._last = argv
         if _may_jail(argv):
             spare = _Spare(self._run, seccomp=False)
             try:
-                spare.launch(argv, directory)
+                spare.launch(argv, directory, booted)
             finally:
                 spare.close()
             return spare.pid
         for attempt in range(2):
             spare, self._next = self._next or _Spare(self._run), None
             try:
-                spare.launch(argv, directory)
+                spare.launch(argv, directory, booted)
                 return spare.pid
             except OSError:
                 if attempt:  # a fresh spare failed too
@@ -339,7 +358,7 @@ def _may_jail(argv: list[str]) -> bool:
     return any(word.startswith("--j") for word in argv)
 
 
-def _answer(spares: _Spares, request: bytes) -> dict[str, object]:
+def _answer(spares: _Spares, request: bytes, booted: int | None) -> dict[str, object]:
     try:
         fields = json.loads(request)
         argv, directory = fields["argv"], fields["dir"]
@@ -347,7 +366,7 @@ def _answer(spares: _Spares, request: bytes) -> dict[str, object]:
             return {"error": "argv must be a list of strings"}
         if not isinstance(directory, str) or not os.path.isdir(directory):
             return {"error": f"{directory!r} is not a folder"}
-        return {"pid": spares.launch(argv, directory)}
+        return {"pid": spares.launch(argv, directory, booted)}
     except (ValueError, KeyError, TypeError) as error:
         return {"error": f"a bad spawn request: {error}"}
     except OSError as error:
@@ -377,10 +396,14 @@ def main(args: list[str] | None = None) -> int:
                 channel.send(json.dumps({"spare": spares.pid}).encode())
                 if spares.pid is None:  # cannot fork now: the next request tries again
                     waiting, _, _ = select.select([channel], [], [])
-        request = channel.recv(_MAX_REQUEST)
+        request, fds, _, _ = socket.recv_fds(channel, _MAX_REQUEST, 1)
         if not request:  # the daemon closed its end
             return 0
-        answer = _answer(spares, request)
+        try:
+            answer = _answer(spares, request, fds[0] if fds else None)
+        finally:
+            for fd in fds:  # the VM has its own copy now
+                os.close(fd)
         answer["spare"] = spares.pid
         channel.send(json.dumps(answer).encode())
 

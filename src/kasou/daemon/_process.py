@@ -20,10 +20,18 @@ import select
 import signal
 from pathlib import Path
 
-__all__ = ["VmProcess", "listens", "read_status", "start_ticks"]
+__all__ = ["VmProcess", "listens", "read_status", "readable", "start_ticks"]
 
 _SO_ACCEPTCON = 0x10000  # a listening socket, in /proc/net/unix's Flags (linux/net.h)
 _TCP_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's st column (include/net/tcp_states.h)
+
+
+def readable(fd: int, timeout: float | None) -> bool:
+    """Whether ``fd`` polls readable within ``timeout`` seconds (None: no limit). poll(2),
+    not select(2): kasoud holds an fd or more per VM, and select refuses fds past 1023."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def start_ticks(pid: int) -> int | None:
@@ -73,8 +81,7 @@ class VmProcess:
         """True once the process has ended (its pidfd polls readable)."""
         if self._pidfd < 0:
             return True
-        readable, _, _ = select.select([self._pidfd], [], [], 0)
-        return bool(readable)
+        return readable(self._pidfd, 0)
 
     def signal(self, number: int = signal.SIGKILL) -> None:
         if self._pidfd < 0:

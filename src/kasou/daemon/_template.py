@@ -16,16 +16,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from kasou.daemon._process import readable
 from kasou.errors import HostError
 
-__all__ = ["Template"]
+__all__ = ["BOOTED", "Template"]
+
+BOOTED = b"B"  # what a VM writes to the pipe ``spawn`` passes on once its vCPUs run
 
 _READY_TIMEOUT = 60.0  # the template's imports; generous for a loaded host
 _SPAWN_TIMEOUT = 30.0
@@ -121,8 +123,13 @@ class Template:
             _reap(self._spare)
             self._spare = None
 
-    def spawn(self, argv: list[str], directory: Path) -> int:
-        """Fork ``kasou run ARGV`` in ``directory``; return its pid."""
+    def spawn(self, argv: list[str], directory: Path, booted: int | None = None) -> int:
+        """Fork ``kasou run ARGV`` in ``directory``; return its pid. ``booted``, the write
+        end of a pipe, is passed on to the VM (the caller closes its own copy), which
+        writes ``BOOTED`` to it and closes it once it is built and its vCPUs run, or closes
+        it at once when it cannot tell (``--jail``, ``--incoming``); its end comes too when
+        the VM ends. Waiting for it takes nothing from the VM's start, where a look at its
+        control socket would take a CPU and its interpreter's lock."""
         with self._lock:
             for attempt in range(2):
                 if self._process is None or self._process.poll() is not None:
@@ -133,7 +140,8 @@ class Template:
                         self._receive(_READY_TIMEOUT)
                         self._ready = True
                     assert self._channel is not None
-                    self._channel.send(json.dumps({"argv": argv, "dir": str(directory)}).encode())
+                    packet = json.dumps({"argv": argv, "dir": str(directory)}).encode()
+                    socket.send_fds(self._channel, [packet], [] if booted is None else [booted])
                     answer = self._receive(_SPAWN_TIMEOUT)
                     break
                 except (HostError, OSError):
@@ -162,7 +170,7 @@ def _reap(pid: int) -> None:
     except OSError:
         return  # gone and reaped already
     try:
-        select.select([pidfd], [], [], _REAP_TIMEOUT)
+        readable(pidfd, _REAP_TIMEOUT)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
     finally:
