@@ -7,6 +7,7 @@ sleeps.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -285,6 +286,7 @@ def test_fifty_vms_at_once_leave_nothing_behind(
     daemon: Daemon, state_dir: Path, guest_elf: Path
 ) -> None:
     daemon.list()
+    gc.collect()  # objects of earlier tests that hold an fd go now, not during this one
     before = _fds()
 
     def life(index: int) -> int:
@@ -303,4 +305,4 @@ def test_fifty_vms_at_once_leave_nothing_behind(
     assert _processes_in(state_dir / "vms") == []
     assert list((state_dir / "vms").iterdir()) == []
     assert list(state_dir.rglob("*.sock")) == []
-    assert _fds() == before
+    assert _fds() <= before  # a leak adds fds (one may close meanwhile: a reaped pidfd)

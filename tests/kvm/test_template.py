@@ -4,8 +4,13 @@ its VM; what it reports lands in that VM's own log, and spares do not outlive th
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -169,3 +174,76 @@ def test_a_vm_that_cannot_be_built_closes_the_pipe_as_it_ends(
         template.close()
     assert (vm / "exit").read_text() == "2\n"
     assert "kasou: error:" in (vm / "stderr.log").read_text()
+
+
+def _threads(pid: int) -> list[tuple[str, str]]:
+    """Each thread of ``pid``: its name and its seccomp mode (proc(5); 2: filtered)."""
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            comm = (task / "comm").read_text().strip()
+            status = (task / "status").read_text().splitlines()
+            mode = next(line.split()[1] for line in status if line.startswith("Seccomp:"))
+            threads.append((comm, mode))
+    return sorted(threads)
+
+
+def _until(check: Any, timeout: float = 30.0) -> Any:
+    """``check()`` once it is true (another process's setup, bounded)."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "not within the time allowed"
+        select.select([], [], [], 0.005)  # a poll interval, not a wait for an outcome
+    return result
+
+
+def test_a_spare_starts_its_vms_threads_ahead_and_the_vm_takes_them(
+    folder: Path, guest_elf: Path
+) -> None:
+    # The template's own protocol (module docstring), to see the spare before its request.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with open(folder / "template.log", "ab") as log:
+        template = subprocess.Popen(
+            [sys.executable, "-m", "kasou.cli.template", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+    theirs.close()
+    ours.settimeout(60)
+    spare = last = json.loads(ours.recv(1 << 16))["spare"]
+    vm = folder / "vm"
+    vm.mkdir()
+    try:
+        # Waiting for its request: the VM's event loop thread and vCPU thread are started,
+        # under their filters, beside the seccomp spawner.
+        def parked() -> list[tuple[str, str]]:
+            return [thread for thread in _threads(spare) if thread[0] == "kasou-parked"]
+
+        _until(lambda: parked() == [("kasou-parked", "2"), ("kasou-parked", "2")])
+        ours.send(json.dumps({"argv": _argv(guest_elf, vm), "dir": str(vm)}).encode())
+        assert json.loads(ours.recv(1 << 16))["pid"] == spare
+        _until(lambda: _status(vm / "api.sock")["state"] == "running")  # built, vCPU started
+
+        # The VM took both: its threads by their names, every one filtered (the main thread
+        # installs its own filter a moment after the vCPUs run).
+        def filtered() -> list[tuple[str, str]] | None:
+            threads = _threads(spare)
+            return threads if {mode for _, mode in threads} == {"2"} else None
+
+        names = [name for name, _ in _until(filtered)]
+        assert "kasou-parked" not in names
+        assert {"kasou-vcpu0", "kasou-kasou-eve", "kasou-seccomp"} <= set(names)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spare, 9)
+        wait_gone(spare)
+        ours.shutdown(socket.SHUT_WR)  # the template ends, and with it its next spare
+        with contextlib.suppress(OSError):
+            while packet := ours.recv(1 << 16):
+                last = json.loads(packet).get("spare") or last
+        ours.close()
+        template.wait(30)
+        if last != spare:
+            wait_gone(last)

@@ -25,11 +25,13 @@ fresh Python, and its seccomp filters' reporter and spawner started (``Seccomp.s
 programs were compiled here once, ``Seccomp.prepare(precompile=True)``). A spare forked
 ahead then gets the VM's build ready, guessing the VM is like the last one
 (``kasou.vmm.builder.prepare``: the KVM VM made, with the last VM's guest RAM size, its
-irqchip and PIT, and its kernel read ahead; a VM unlike the guess builds its own). The
-template rehearsed a build once (``builder.rehearse``), so what every build makes alike
-(CPUID, page tables, first calls) is made for all. A request turns it into that VM: the
-working folder is its folder, stdout and stderr (and the seccomp reports) go to
-``stderr.log``, then ``kasou run``'s parser (built here once) and
+irqchip and PIT, its vCPUs, and its kernel read ahead; a VM unlike the guess builds its
+own), and starts the VM's event loop thread and vCPU threads, filtered and waiting for
+their work (``Seccomp.park``: the request pays neither their creation nor their filters).
+The template rehearsed a build once (``builder.rehearse``), so what every build makes
+alike (CPUID, page tables, the usual ACPI tables, first calls) is made for all. A request
+turns it into that VM: the working folder is its folder, stdout and stderr (and the seccomp
+reports) go to ``stderr.log``, then ``kasou run``'s parser (built here once) and
 ``kasou.cli.fastrun.run_vm`` run, and its exit status is written to ``exit`` (atomically:
 ``exit.tmp`` renamed) before ``os._exit``. A VM that leaves no ``exit`` was killed. A spare
 whose template ends (its socket closes) ends too. A request that may ask for a jail gets a
@@ -66,6 +68,7 @@ _BOOTED = b"B"  # written to the pipe of a VM whose vCPUs run (kasou.daemon._tem
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _MAX_REQUEST = 1 << 20
 _REFILL_DELAY = 0.005  # seconds after a launch before the next spare is forked
+_MAX_PARKED = 8  # vCPU threads a spare starts ahead at most (a VM with more starts the rest)
 
 
 # ``kasou run ARGV`` in a spare; the int (or None) is the fd it closes once its vCPUs run.
@@ -126,7 +129,12 @@ def _preload() -> tuple[_Run, Callable[[list[str]], _Guess]]:
         try:
             options = vars(parse.parse_known_args(argv)[0])
             kernel = options.get("kernel")
-            return _Guess(parse_size(str(options["memory"])), str(kernel) if kernel else None)
+            vcpus = options.get("vcpus")
+            return _Guess(
+                parse_size(str(options["memory"])),
+                str(kernel) if kernel else None,
+                min(vcpus, _MAX_PARKED) if isinstance(vcpus, int) and vcpus > 0 else 1,
+            )
         except (ValueError, KeyError, SystemExit):
             return _Guess(None, None)
 
@@ -138,17 +146,29 @@ class _Guess(NamedTuple):
 
     memory: int | None
     kernel: str | None
+    vcpus: int = 1
 
 
 def _prepare_vm(guess: _Guess) -> None:
-    """The next VM's KVM VM made, with the guest RAM and the kernel it likely has
+    """The next VM's KVM VM made, with the guest RAM, vCPUs and kernel it likely has
     (``kasou.vmm.builder.prepare``). No build is rehearsed here: that would take the CPU
     from the VM just launched (measured: a slower start for both, on two cores)."""
     from kasou.errors import KasouError
     from kasou.vmm.builder import prepare
 
     with contextlib.suppress(KasouError, OSError):  # the VM's own build reports it
-        prepare(memory=guess.memory, kernel=guess.kernel)
+        prepare(memory=guess.memory, kernel=guess.kernel, vcpus=guess.vcpus)
+
+
+def _park_threads(guard: Seccomp, guess: _Guess) -> None:
+    """The VM's event loop thread and its vCPU threads (as many as ``guess`` has) started
+    ahead, filtered and waiting for their work (``Seccomp.park``); what the VM does not
+    take waits unused until it ends."""
+    from kasou.jail.seccomp import SeccompError
+
+    with contextlib.suppress(SeccompError, RuntimeError):  # the VM starts its own, as usual
+        guard.park("control")
+        guard.park("vcpu", guess.vcpus)
 
 
 def _die_with(parent: int) -> None:
@@ -236,9 +256,12 @@ def _wait_for_request(
             with contextlib.suppress(SeccompError):  # kasou run tries again, and reports it
                 guard = Seccomp.start()
         if seccomp and ahead is not None and not select.select([channel], [], [], 0)[0]:
+            guess = ahead()
+            if guard is not None:
+                _park_threads(guard, guess)
             # After the filters' reporter was forked (it holds no KVM VM); not for a jailed
             # VMM, which opens /dev/kvm inside its jail.
-            _prepare_vm(ahead())
+            _prepare_vm(guess)
         request, fds, _, _ = socket.recv_fds(channel, _MAX_REQUEST, 1)
         booted = fds[0] if fds else None  # the template's own packet: one fd at most
         if not request:  # the template ended

@@ -22,15 +22,27 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from kasou._sys import set_thread_name
 from kasou.errors import HostError
 
-__all__ = ["EventLoop"]
+__all__ = ["EventLoop", "ParkedThread"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[int], None]  # called with the epoll event mask
+
+
+class ParkedThread(Protocol):
+    """A thread already started that waits for the one function it is to run (a seccomp
+    filter already on it: ``kasou.jail.seccomp``, "Threads started ahead")."""
+
+    @property
+    def thread(self) -> threading.Thread: ...
+
+    def run(self, target: Callable[[], object], name: str) -> None:
+        """Run ``target`` on the thread, which is ``name`` from now on."""
 
 
 class EventLoop:
@@ -83,10 +95,14 @@ class EventLoop:
             lambda: heapq.heappush(self._timers, (when, next(self._timer_order), function))
         )
 
-    def start(self) -> None:
-        """Run the loop in its own (daemon) thread."""
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+    def start(self, parked: ParkedThread | None = None) -> None:
+        """Run the loop in its own (daemon) thread: a new one, or ``parked``."""
+        if parked is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+            return
+        self._thread = parked.thread
+        parked.run(self._run, self.name)
 
     @property
     def in_loop_thread(self) -> bool:

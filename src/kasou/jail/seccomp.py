@@ -74,6 +74,17 @@ stand-in (struct sock_filter, linux/filter.h). A VM forked from it writes its ow
 there instead of compiling. Anything else differing (libseccomp shaping the program by the
 value) leaves the VM compiling its own, as ``kasou run`` does.
 
+Threads started ahead
+---------------------
+Starting a role thread through the spawner and installing its filter costs a VM about a
+millisecond of its start. A VMM forked before it knows its VM (the template's spare) calls
+``park(role, count)``: the spawner starts those threads at once (their chain is [union], as
+in step 2), each installs its role's filter, hands its listener over and waits. The VM's
+code then takes one (``unpark``) and gives it the function its thread would have run
+(``_Parked.run``): the thread runs it under the filter it already has, and ends with it. A
+thread never given work just waits until the process ends. The test hook's probe is made
+when the work calls ``enter``, not when the filter went on.
+
 Test hook
 ---------
 With ``KASOU_TEST_HOOKS=1`` and ``KASOU_SECCOMP_PROBE=<role>`` in the environment, the first
@@ -85,6 +96,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -501,6 +513,30 @@ class _Call:
         self.error: BaseException | None = None
 
 
+class _Parked:
+    """A thread of one role started ahead (``Seccomp.park``): it installs its role's filter,
+    waits for the one function it is to run (``run``), and ends when that returns."""
+
+    def __init__(self, seccomp: Seccomp, role: Role) -> None:
+        self._seccomp = seccomp
+        self._role = role
+        self._work: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._main, name="kasou-parked", daemon=True)
+
+    def run(self, target: Callable[[], object], name: str) -> None:
+        """Have the thread run ``target`` as the thread ``name`` (it names the OS thread
+        itself, as every kasou thread does first)."""
+        self.thread.name = name
+        self._work.put(target)
+
+    def _main(self) -> None:
+        set_thread_name("kasou-parked")  # in ps and top until it has its work
+        # A filter that fails here fails again in the work's own ``enter``, which reports it.
+        with contextlib.suppress(SeccompError):
+            self._seccomp._filter(self._role)
+        self._work.get()()
+
+
 class Seccomp:
     """The process's filters: the programs, the reporter process and the spawner thread."""
 
@@ -542,6 +578,8 @@ class Seccomp:
         self._probe = _probe_role()
         self._probed = False
         self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._parked: dict[Role, list[_Parked]] = {role: [] for role in ROLES}
+        self._parked_lock = threading.Lock()
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._spawner, name="kasou-seccomp", daemon=True)
@@ -610,6 +648,13 @@ class Seccomp:
     def enter(self, role: Role) -> None:
         """Install ``role``'s filter on the calling thread and hand its listener to the
         reporter. A thread that already entered a role keeps it."""
+        self._filter(role)
+        if self._probe == role and not self._probed:
+            self._probed = True
+            os.getppid()  # the test hook: PROBE_SYSCALL is in no list
+
+    def _filter(self, role: Role) -> None:
+        """``enter`` without the test hook: what a parked thread does before its work."""
         me = threading.get_native_id()
         if me in self._entered:
             return
@@ -630,9 +675,30 @@ class Seccomp:
                 log.warning("seccomp: cannot reach the reporter (%s)", error)
             finally:
                 os.close(fd)  # no thread of the VMM may answer its own notifications
-        if self._probe == role and not self._probed:
-            self._probed = True
-            os.getppid()  # the test hook: PROBE_SYSCALL is in no list
+
+    def park(self, role: Role, count: int = 1) -> None:
+        """Start ``count`` threads of ``role`` before there is work for them, each filtered
+        and waiting (see "Threads started ahead"); ``unpark`` hands one its work."""
+
+        def start() -> None:
+            for _ in range(count):
+                parked = _Parked(self, role)
+                parked.thread.start()
+                with self._parked_lock:
+                    self._parked[role].append(parked)
+
+        self.spawn(start)
+
+    def unpark(self, role: Role) -> _Parked | None:
+        """A thread ``park`` started for ``role``, to be given its work (``run``); None
+        when none waits."""
+        with self._parked_lock:
+            waiting = self._parked[role]
+            while waiting:
+                parked = waiting.pop(0)
+                if parked.thread.is_alive():
+                    return parked
+        return None
 
     def spawn(self, function: Callable[[], _T]) -> _T:
         """Run ``function`` on the spawner thread and return what it returns: threads it

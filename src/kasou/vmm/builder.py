@@ -11,9 +11,10 @@ releases what was already made.
 warm template's spare, ``cli/template.py``), what no config decides: /dev/kvm opened and
 checked, the KVM VM created with its TSS and identity-map pages (a KVM VM belongs to the
 process that created it, so this is done in the process that runs it), the host's supported
-CPUID read, and a rehearsal build of a throw-away VM, so that the first build's one-time
-costs (copy-on-write faults on a forked process's pages, first calls) are paid before its
-request comes. The next ``build_vm`` in that process takes the VM made ready.
+CPUID read, and, for a guessed size, the guest RAM, irqchip, PIT and vCPUs made; and a
+rehearsal build of a throw-away VM, so that the first build's one-time costs (copy-on-write
+faults on a forked process's pages, first calls) are paid before its request comes. The
+next ``build_vm`` in that process takes the VM made ready.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from kasou.errors import ConfigError, HostError, KasouError
 from kasou.kvm import Kvm, VcpuFd, VmFd
 from kasou.kvm import bindings as b
 from kasou.kvm.host import Backend, backend
-from kasou.kvm.stats import open_stats
+from kasou.kvm.stats import KvmStats, open_stats
 from kasou.loader import LoadedKernel, load_initrd, load_kernel, multiboot, read_ahead
 from kasou.loader.bootparams import build_boot_params, write_cmdline
 from kasou.memory import GuestMemory
@@ -149,15 +150,30 @@ def build_vm(
     return _build(config, console_output, agent, extra_devices, made, restore, _load_guest)
 
 
+class _MadeVcpu(NamedTuple):
+    """A vCPU made with what every VM of its size gives it (``_new_vcpu``)."""
+
+    fd: VcpuFd
+    stats: KvmStats | None
+
+    def close(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
+        self.fd.close()
+
+
 class _Made(NamedTuple):
     """/dev/kvm and a KVM VM; with ``memory``, its guest RAM in its slots and its irqchip
-    and PIT made as well."""
+    and PIT made as well; with ``vcpus``, its vCPUs too (a VM of exactly that many)."""
 
     kvm: Kvm
     vm_fd: VmFd
     memory: GuestMemory | None = None
+    vcpus: tuple[_MadeVcpu, ...] = ()
 
     def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
         if self.memory is not None:
             self.memory.close()
         self.vm_fd.close()
@@ -169,17 +185,26 @@ _ready: tuple[str, _Made] | None = None  # prepare's VM, for a build_vm of that 
 # the template's forks inherit it).
 _host_cpuid: list[arch_cpuid.CpuidEntry] | None = None
 _REHEARSAL_MEMORY = 16 << 20  # the least VmConfig takes
+# The machines whose ACPI tables ``rehearse`` makes ahead: up to this many vCPUs and virtio
+# devices (the default guest has 3; about 0.3 ms a VM saves, 0.3 ms each made ahead).
+_REHEARSAL_VCPUS = 2
+_REHEARSAL_VIRTIO = 4
 
 
 def prepare(
-    kvm_path: str = "/dev/kvm", memory: int | None = None, kernel: str | None = None
+    kvm_path: str = "/dev/kvm",
+    memory: int | None = None,
+    kernel: str | None = None,
+    vcpus: int | None = None,
 ) -> None:
     """Get the next ``build_vm`` of ``kvm_path`` in this process ready (see the module
     docstring): a KVM VM is made and kept for it, with ``memory`` bytes of guest RAM (a
     guess: a build for another size or a restore makes its own VM), its irqchip and PIT,
-    and the file ``kernel`` read ahead (``kasou.loader.read_ahead``; another is read then).
-    Raises ``KasouError`` (a ``HostError`` for a host without usable KVM) or ``OSError``:
-    the caller may ignore it, and ``build_vm`` reports it."""
+    with ``memory`` and ``vcpus`` that many vCPUs (their CPUID, boot MSRs and LINT pins
+    set: a build for another number makes its own VM), and the file ``kernel`` read ahead
+    (``kasou.loader.read_ahead``; another is read then). Raises ``KasouError`` (a
+    ``HostError`` for a host without usable KVM) or ``OSError``: the caller may ignore it,
+    and ``build_vm`` reports it."""
     global _ready
     if _ready is not None:
         return
@@ -187,6 +212,10 @@ def prepare(
     if memory is not None:
         try:
             made = made._replace(memory=_add_memory(made.vm_fd, memory, "anonymous", False))
+            if vcpus is not None:
+                for index in range(vcpus):  # kept in ``made`` one by one: closed on a failure
+                    vcpu = _new_vcpu(made.kvm, made.vm_fd, index, vcpus)
+                    made = made._replace(vcpus=(*made.vcpus, vcpu))
         except BaseException:
             made.close()
             raise
@@ -215,6 +244,7 @@ def _take_ready(kvm_path: str, config: VmConfig, restore: MachineImage | None) -
         fits = made.memory is None or (
             restore is None
             and made.memory.size == config.memory
+            and len(made.vcpus) in (0, config.vcpus)
             and config.memory_backing == "anonymous"
             and not config.hugepages
         )
@@ -271,12 +301,16 @@ def _add_memory(
 def rehearse(kvm_path: str = "/dev/kvm") -> None:
     """Build and close a VM with no kernel and no devices beyond the legacy ones: the code
     paths and data of a build touched once, and what every VM's build makes alike (the
-    host's CPUID, each vCPU's, the page tables) made, in this process and for its forks.
+    host's CPUID, each vCPU's, the page tables, the ACPI tables of the usual machines)
+    made, in this process and for its forks.
     Raises ``KasouError`` or ``OSError`` as ``build_vm`` would."""
     config = VmConfig(
         kernel=Path(os.devnull), memory=_REHEARSAL_MEMORY, seccomp=False, restoring=True
     )
     _build(config, lambda data: None, None, (), _new_vm(kvm_path), None, _rehearsal_load).close()
+    for vcpus in range(1, _REHEARSAL_VCPUS + 1):  # with COM2, as ``kasou run`` has it
+        for devices in range(_REHEARSAL_VIRTIO + 1):
+            _acpi_tables(_acpi_config(vcpus, devices, com2=True))
 
 
 def _rehearsal_load(
@@ -305,7 +339,7 @@ def _build(
     load: Callable[..., int | MultibootEntry],
 ) -> Vm:
     with contextlib.ExitStack() as cleanup:
-        kvm, vm_fd, memory = made
+        kvm, vm_fd, memory, ready = made
         cleanup.callback(kvm.close)
         cleanup.callback(vm_fd.close)
         config.check_host(kvm.max_vcpus())
@@ -314,13 +348,15 @@ def _build(
                 vm_fd, config.memory, config.memory_backing, config.hugepages, restore
             )
         cleanup.callback(memory.close)
+        for vcpu in ready:  # prepare made them, for exactly this many
+            cleanup.callback(vcpu.close)
 
         # On PVM a bzImage's own decompressor loops on page faults (shared/ENVIRONMENT.md):
         # boot the vmlinux inside it instead, as the 64-bit protocol allows for any vmlinux.
         plan = virtio_plan(config)
         announced = len(plan) if config.virtio_cmdline or not config.acpi else 0
         cmdline = _with_virtio_devices(config.cmdline, announced)
-        tables = _acpi_config(config, len(plan), agent is not None) if config.acpi else None
+        tables = _acpi_config(config.vcpus, len(plan), agent is not None) if config.acpi else None
         entry: int | MultibootEntry | None = None
         if restore is None:
             entry = load(config, memory, cmdline, extract=backend() is Backend.PVM, tables=tables)
@@ -332,7 +368,7 @@ def _build(
     try:
         _wire_devices(vm, console_output, agent, extra_devices, restore)
         _wire_virtio(vm, plan, console_output)
-        _create_vcpus(vm, entry)
+        _create_vcpus(vm, entry, ready)
         if restore is not None:
             from kasou.vmm.snapshot import restore_machine
 
@@ -416,16 +452,16 @@ def _load_multiboot(
     return MultibootEntry(kernel.entry, info)
 
 
-def _acpi_config(config: VmConfig, virtio_devices: int, com2: bool) -> acpi.AcpiConfig:
+def _acpi_config(vcpus: int, virtio_devices: int, com2: bool) -> acpi.AcpiConfig:
     """What the ACPI tables describe: the machine ``_wire_devices`` and ``_wire_virtio``
     build, with the PM registers of ``devices/legacy/power.py``."""
     return acpi.AcpiConfig(
-        vcpus=config.vcpus,
-        serial=[COM1, COM2] if com2 else [COM1],
-        virtio=[
+        vcpus=vcpus,
+        serial=(COM1, COM2) if com2 else (COM1,),
+        virtio=tuple(
             (layout.virtio_mmio_address(slot), layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQS[slot])
             for slot in range(min(virtio_devices, len(layout.VIRTIO_IRQS)))
-        ],
+        ),
         pm1a_event=PM1A_EVT_PORT,
         pm1a_control=PM1A_CNT_PORT,
         pm_timer=PM_TMR_PORT,
@@ -439,10 +475,22 @@ def _write_acpi(memory: GuestMemory, tables: acpi.AcpiConfig | None) -> int:
     random VM generation ID; return the RSDP's address, 0 for none (``--no-acpi``)."""
     if tables is None:
         return 0
-    rsdp = acpi.write_acpi_tables(memory, tables)
+    memory.write(layout.ACPI_START, _acpi_tables(tables))
     if tables.vmgenid:
         acpi.write_generation_id(memory, os.urandom(layout.VMGENID_SIZE))
-    return rsdp
+    return layout.ACPI_START
+
+
+# The ACPI tables by what they describe (``AcpiConfig``, all tuples): the same bytes for
+# every VM alike. ``rehearse`` makes those of the usual machines once in the template.
+_acpi_made: dict[acpi.AcpiConfig, bytes] = {}
+
+
+def _acpi_tables(tables: acpi.AcpiConfig) -> bytes:
+    made = _acpi_made.get(tables)
+    if made is None:
+        made = _acpi_made[tables] = acpi.build_acpi_tables(tables, layout.ACPI_START)
+    return made
 
 
 def _wire_devices(
@@ -685,26 +733,41 @@ def _make_virtio_device(
     raise HostError(f"virtio device kind {planned.kind!r} is not built yet")
 
 
-def _create_vcpus(vm: Vm, entry: int | MultibootEntry | None) -> None:
-    """The vCPUs with their CPUID and boot MSRs; the boot vCPU in the state its boot
-    protocol asks for (``entry``; ``None``: a restore sets every register afterwards)."""
-    plain = host_cpuid(vm.kvm)
+def _create_vcpus(
+    vm: Vm, entry: int | MultibootEntry | None, ready: Sequence[_MadeVcpu] = ()
+) -> None:
+    """The vCPUs (``ready``: made already, and closed by the VM's cleanup) with their
+    CPUID and boot MSRs; the boot vCPU in the state its boot protocol asks for (``entry``;
+    ``None``: a restore sets every register afterwards)."""
     for index in range(vm.config.vcpus):
-        fd = vm.vm_fd.create_vcpu(index)
-        vm._cleanup.callback(fd.close)
-        # Opened now: a vCPU ioctl waits while the vCPU is in KVM_RUN. Parsed on first read.
-        stats = open_stats(fd)
-        if stats is not None:
-            vm._cleanup.callback(stats.close)
-        fd.set_cpuid2(_guest_cpuid(plain, index, vm.config.vcpus, _tsc_khz(fd)))
-        fd.set_msrs(msrs.boot_msrs())
-        _set_lint(fd)
+        if ready:
+            fd, stats = ready[index]
+        else:
+            made = _new_vcpu(vm.kvm, vm.vm_fd, index, vm.config.vcpus)
+            vm._cleanup.callback(made.close)
+            fd, stats = made
         if isinstance(entry, MultibootEntry):
             if index == 0:
                 _set_multiboot_registers(fd, entry)
         elif index == 0 and entry is not None:
             _set_boot_registers(fd, entry)
         vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, vm.end, stats))
+
+
+def _new_vcpu(kvm: Kvm, vm_fd: VmFd, index: int, vcpus: int) -> _MadeVcpu:
+    """vCPU ``index`` of ``vcpus``, with its CPUID, boot MSRs and LINT pins."""
+    fd = vm_fd.create_vcpu(index)
+    stats = None
+    try:
+        # Opened now: a vCPU ioctl waits while the vCPU is in KVM_RUN. Parsed on first read.
+        stats = open_stats(fd)
+        fd.set_cpuid2(_guest_cpuid(host_cpuid(kvm), index, vcpus, _tsc_khz(fd)))
+        fd.set_msrs(msrs.boot_msrs())
+        _set_lint(fd)
+    except BaseException:
+        _MadeVcpu(fd, stats).close()
+        raise
+    return _MadeVcpu(fd, stats)
 
 
 # Each vCPU's CPUID by (vCPU, vCPUs, TSC kHz): the same for every VM of this host.

@@ -301,6 +301,8 @@ def run(
             )
         if guard is None:
             loop.start()
+        elif (parked := guard.unpark("control")) is not None:
+            loop.start(parked)  # a thread started ahead, its filter on (jail/seccomp.py)
         else:  # from the supervisor: the loop's chain gets its own listener (jail/seccomp.py)
             guard.spawn(loop.start)
         if config.api_sock is not None:

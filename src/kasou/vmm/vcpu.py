@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from kasou._sys import ioctl_noretry, set_thread_name
 from kasou.devices.bus import Bus
 from kasou.errors import HostError, KasouError, LifecycleError
+from kasou.event import ParkedThread
 from kasou.kvm import VcpuFd
 from kasou.kvm import bindings as b
 from kasou.kvm.stats import KvmStats
@@ -46,6 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
+_ENTER_WAIT = 1.0  # seconds ``start`` waits at most for a parked thread to enter the guest
 
 _IO = struct.Struct("<BBHIQ")  # struct kvm_run io: direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8sIB")  # struct kvm_run mmio: phys_addr, data[8], len, is_write
@@ -159,15 +161,25 @@ class Vcpu:
         self.kvm_stats = kvm_stats
         # Run first on the vCPU thread, once it is named (a seccomp filter's installation).
         self.on_start: Callable[[], None] | None = None
+        self._entered = threading.Event()  # set at the thread's first KVM_RUN, or its end
 
     # --- control, from other threads ---------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, parked: ParkedThread | None = None) -> None:
+        """Run the vCPU in its own (daemon) thread: a new one, or ``parked``."""
         install_kick_handler()
-        self._thread = threading.Thread(
-            target=self._main, name=f"kasou-vcpu{self.index}", daemon=True
-        )
-        self._thread.start()
+        name = f"kasou-vcpu{self.index}"
+        if parked is None:
+            self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+            self._thread.start()
+            return
+        self._thread = parked.thread
+        parked.run(self._main, name)
+        # Until the thread is in KVM_RUN it needs the interpreter lock, which the caller
+        # would otherwise keep until its next blocking call (a waiting thread asks for it
+        # only after sys.getswitchinterval(), 5 ms): let it have it now. A thread started
+        # ahead only has to wake up; the bound keeps one that cannot from stopping the VM.
+        self._entered.wait(_ENTER_WAIT)
 
     @property
     def alive(self) -> bool:
@@ -229,6 +241,7 @@ class Vcpu:
         except Exception as error:  # a kasou bug: end this VM, keep the process sane
             log.exception("vCPU %d failed", self.index)
             ending = GuestExit(ExitKind.ERROR, f"internal error: {error!r}", self.index)
+        self._entered.set()
         self._drain_after_end()
         if ending is not None:
             self._on_exit(ending)
@@ -249,6 +262,7 @@ class Vcpu:
         if self.index == 0 and os.environ.get("KASOU_TRACE_START"):
             # For bench/start.py: when the boot vCPU enters the guest, on CLOCK_MONOTONIC.
             sys.stderr.write(f"kasou: first KVM_RUN at {time.monotonic_ns()}\n")
+        self._entered.set()
         try:
             while True:
                 result = run(fd, request)

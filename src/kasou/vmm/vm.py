@@ -83,8 +83,9 @@ class Vm:
         return self._state
 
     def start(self) -> None:
-        """Start every vCPU thread (from the seccomp supervisor when filters are on, each
-        thread installing the vcpu list first: kasou/jail/seccomp.py)."""
+        """Start every vCPU thread (when filters are on, a thread started ahead with the
+        vcpu list on, or one from the seccomp supervisor that installs it first:
+        kasou/jail/seccomp.py)."""
         from kasou.jail.seccomp import Seccomp
 
         with self._lock:
@@ -94,12 +95,20 @@ class Vm:
                 for vcpu in self.vcpus:
                     vcpu.start()
                 return
+            unparked = []
             for vcpu in self.vcpus:
                 vcpu.on_start = guard.hook("vcpu")
-            guard.spawn(self._start_vcpus)
+                parked = guard.unpark("vcpu")
+                if parked is None:
+                    unparked.append(vcpu)
+                else:
+                    vcpu.start(parked)
+            if unparked:
+                guard.spawn(lambda: self._start_vcpus(unparked))
 
-    def _start_vcpus(self) -> None:
-        for vcpu in self.vcpus:
+    @staticmethod
+    def _start_vcpus(vcpus: Sequence[Vcpu]) -> None:
+        for vcpu in vcpus:
             vcpu.start()
 
     def pause(self) -> None:
