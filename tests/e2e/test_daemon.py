@@ -21,7 +21,7 @@ import pytest
 
 from kasou.sdk import Client, ExecChunk, GuestFailure, InvalidState, Sandbox
 from kasou.spec import OperationState, VmState
-from kvm._kasoud import Kasoud, remove_tmp, short_tmp
+from kvm._kasoud import Kasoud, remove_tmp, running_kasoud, short_tmp
 
 from .conftest import BOOT_TIMEOUT
 
@@ -55,14 +55,8 @@ def _operation(kasoud: Kasoud, operation: dict[str, Any], timeout: float = 300) 
 
 @pytest.fixture(scope="module")
 def kasoud() -> Iterator[Kasoud]:
-    root = short_tmp()
-    daemon = Kasoud(root)
-    try:
+    with running_kasoud() as daemon:
         yield daemon
-    finally:
-        daemon.remove_all()
-        daemon.terminate()
-        remove_tmp(root)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,22 @@ class Kasoud:
                 continue
             break
         raise AssertionError(f"{needle!r} not in {name}'s console within {timeout} s:\n{text}")
+
+
+@contextmanager
+def running_kasoud(*extra: str) -> Iterator[Kasoud]:
+    """A kasoud in a short tmp dir; at the end its VMs are deleted (they outlive kasoud),
+    then it is stopped and its folder removed."""
+    root = short_tmp()
+    daemon = Kasoud(root, *extra)
+    try:
+        yield daemon
+    finally:
+        try:
+            daemon.remove_all()
+        finally:
+            daemon.terminate()
+            remove_tmp(root)
 
 
 def short_tmp() -> Path:

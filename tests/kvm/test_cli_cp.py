@@ -11,22 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from ._kasoud import Kasoud, guest_spec, remove_tmp, short_tmp
+from ._kasoud import Kasoud, guest_spec, running_kasoud
 from .conftest import KASOU
 
 
 @pytest.fixture
 def kasoud(guest_elf: Path) -> Iterator[Kasoud]:
-    root = short_tmp()
-    daemon = Kasoud(root)
-    try:
+    with running_kasoud() as daemon:
         yield daemon
-    finally:
-        try:
-            daemon.remove_all()
-        finally:
-            daemon.terminate()
-            remove_tmp(root)
 
 
 def cp(daemon: Kasoud, *args: str) -> str:

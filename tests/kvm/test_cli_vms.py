@@ -18,22 +18,14 @@ from kasou.guestkit import build_guest, cmdline
 from kasou.sdk import ApiError, Conflict, InvalidState, NotFound
 from kasou.spec import VmState
 
-from ._kasoud import Kasoud, remove_tmp, short_tmp
+from ._kasoud import Kasoud, remove_tmp, running_kasoud, short_tmp
 from .conftest import KASOU
 
 
 @pytest.fixture
 def kasoud() -> Iterator[Kasoud]:
-    root = short_tmp()
-    daemon = Kasoud(root)
-    try:
+    with running_kasoud() as daemon:
         yield daemon
-    finally:
-        try:
-            daemon.remove_all()  # VM processes outlive kasoud: stop them first
-        finally:
-            daemon.terminate()
-            remove_tmp(root)
 
 
 def cli(daemon: Kasoud, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kasou.kvm.host import Backend, backend
 from kasou.vmm import Vm
 
-from ._kasoud import Kasoud, guest_spec, remove_tmp, short_tmp
+from ._kasoud import Kasoud, guest_spec, running_kasoud
 from .conftest import KASOU, BootFactory
 
 pytestmark = pytest.mark.kvm
@@ -81,16 +81,8 @@ def test_a_kernel_without_binary_stats_leaves_the_keys_out(boot: BootFactory) ->
 
 @pytest.fixture
 def kasoud() -> Iterator[Kasoud]:
-    root = short_tmp()
-    daemon = Kasoud(root)
-    try:
+    with running_kasoud() as daemon:
         yield daemon
-    finally:
-        try:
-            daemon.remove_all()  # VM processes outlive kasoud: stop them first
-        finally:
-            daemon.terminate()
-            remove_tmp(root)
 
 
 def _kvm_exits(kasoud: Kasoud, vm: str) -> dict[str, float]:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["scratch_folder", "sweep_scratch"]
+__all__ = ["pid_alive", "scratch_folder", "sweep_scratch"]
 
 _PREFIX = "kasou-"
 
@@ -42,14 +42,15 @@ def sweep_scratch(parent: Path | None = None) -> list[Path]:
         parts = entry.name.split("-")
         if len(parts) != 4 or parts[0] != _PREFIX[:-1] or not parts[2].isdigit():
             continue
-        if _alive(int(parts[2])) or not entry.is_dir(follow_symlinks=False):
+        if pid_alive(int(parts[2])) or not entry.is_dir(follow_symlinks=False):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts; so does a reused pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from kasou import __version__
+from kasou._sys.scratch import pid_alive, scratch_folder
 from kasou.errors import ConfigError, HostError, KasouError, SnapshotError
 from kasou.memory import GuestMemory, PageBitmap
 from kasou.persist import (
@@ -313,21 +314,11 @@ def remove_abandoned(path: Path) -> list[Path]:
     for kind in ("tmp", "merge"):
         for folder in path.parent.glob(f".{path.name}.{kind}-*-*"):
             pid = folder.name[len(f".{path.name}.{kind}-") :].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
+            if not pid.isdigit() or pid_alive(int(pid)):
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def _save_disks(vm: Vm, folder: Path, *, every: bool) -> tuple[str | None, ...]:
@@ -541,8 +532,6 @@ def _restored_disks(
             disks.append(disk)
             continue
         if folder is None:
-            from kasou._sys.scratch import scratch_folder
-
             folder = scratch_folder("restore")
             scratch.append(folder)
         from kasou.disk import create_overlay
